@@ -1,33 +1,35 @@
 # Two commands do all set-up on a fresh machine: `make test` and `make demo`.
-# Both create .venv when it is missing and install the project with its pinned stack.
+# Both create .venv when it is missing and install the project with its pinned stack (settings.ini).
 SHELL := /bin/bash
 VENV ?= .venv
-PY := $(VENV)/bin/python
+BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 DEMO_OUT ?= demo_out
+export PATH := $(abspath $(BIN)):$(PATH)
 
-.PHONY: test demo venv export clean-nbs report bench
+.PHONY: test demo venv export report bench
 
 $(STAMP): settings.ini setup.py
-	test -x $(PY) || python3 -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip setuptools wheel 2>&1 | grep -v '^WARNING: Location' || true
-	$(PY) -m pip install -q -e '.[dev]' 2>&1 | grep -v '^WARNING: Location'; test $${PIPESTATUS[0]} -eq 0
+	test -x $(BIN)/python || python3 -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip setuptools wheel 2>&1 | { grep -v '^WARNING: Location' || true; }
+	$(BIN)/python -m pip install -q -e '.[dev]' 2>&1 | { grep -v '^WARNING: Location' || true; }; test $${PIPESTATUS[0]} -eq 0
 	touch $(STAMP)
 
 venv: $(STAMP)
 
 test: $(STAMP)
-	cd nbs && ../$(VENV)/bin/nbdev_test --n_workers 2 --timing
-	$(PY) -m pytest -q tests/
+	$(BIN)/nbdev_test --n_workers 2 --timing
+	$(BIN)/python -m pytest -q tests/
 
 demo: $(STAMP)
-	$(VENV)/bin/spseg demo --out $(DEMO_OUT)
+	$(BIN)/spseg demo --out $(DEMO_OUT)
 
+# after editing notebooks: library, clean notebooks, README
 export: $(STAMP)
-	$(VENV)/bin/nbdev_export && $(VENV)/bin/nbdev_clean
+	$(BIN)/nbdev_export && $(BIN)/nbdev_clean && $(BIN)/spseg readme
 
 report: $(STAMP)
-	$(VENV)/bin/spseg report --out _report
+	$(BIN)/spseg report --out _report
 
 bench: $(STAMP)
-	$(PY) bench/synthetic_tissue.py
+	$(BIN)/python bench/synthetic_tissue.py
