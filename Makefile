@@ -32,4 +32,4 @@ report: $(STAMP)
 	$(BIN)/spseg report --out _report
 
 bench: $(STAMP)
-	$(BIN)/python bench/synthetic_tissue.py
+	for f in bench/*.py; do echo "== $$f"; $(BIN)/python $$f || exit 1; done
