@@ -109,6 +109,8 @@ def test_stats_cache_recomputed_for_other_train_ids(cohort):
     a = sp_stats(cohort, ['t0']); b = sp_stats(cohort, ['t0', 't1'])
     assert a.train_ids == ['t0'] and b.train_ids == ['t0', 't1'] and a.mean != b.mean
     assert sp_stats(cohort, ['t0', 't1']).mean == b.mean
+    assert len(list((cohort/'.spseg').glob('sp_stats-*.json'))) == 2     # one file per training split
+    assert sp_stats(cohort, ['t0']).mean == a.mean
 
 def test_dataloaders_batches(cohort):
     dls = tile_dls(cohort, ['t0', 't1'], ['t2'], bs=4, tile=24)
