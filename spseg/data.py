@@ -4,18 +4,18 @@
 
 # %% ../nbs/00_data.ipynb #0ec7e491
 from __future__ import annotations
-import hashlib, json, os, re, tempfile, xml.etree.ElementTree as ET
+import json, os, re, xml.etree.ElementTree as ET
 from dataclasses import dataclass, field
 from pathlib import Path
 import numpy as np, tifffile
 from scipy import ndimage as ndi
+from .core import atomic_imwrite, atomic_write_json, short_hash
 
 # %% auto #0
 __all__ = ['CLASSES', 'MARKERS', 'TABLE1', 'CLASS_COLOURS', 'IGNORE_INDEX', 'N_CLASSES', 'N_MARKERS', 'SP_DTYPES', 'TISSUE_FILES',
            'SPLIT_SCHEMES', 'class_cmap', 'class_legend', 'DataError', 'read_tiff', 'Tissue', 'load_tissue',
-           'write_tissue', 'atomic_imwrite', 'list_tissues', 'class_shares', 'tile_grid', 'split_tissues',
-           'instances_from_mask', 'hv_map', 'sp_percentile', 'normalise_sp', 'normalise_he', 'SPStats', 'sp_stats',
-           'TileDataset', 'tile_dls']
+           'write_tissue', 'list_tissues', 'class_shares', 'tile_grid', 'split_tissues', 'instances_from_mask',
+           'hv_map', 'sp_percentile', 'normalise_sp', 'normalise_he', 'SPStats', 'sp_stats', 'TileDataset', 'tile_dls']
 
 # %% ../nbs/00_data.ipynb #2a918cb8
 CLASSES = ['Background', 'Stroma', 'Tumor', 'Macrophage', 'Helper T cell', 'Cytotoxic T cell',
@@ -178,23 +178,13 @@ def load_tissue(path, check_values=True) -> Tissue:
 
 # %% ../nbs/00_data.ipynb #a38aeaf3
 def write_tissue(path, he, sp, mask, inst=None, channel_names=None):
-    "Write one tissue folder in the layout `load_tissue` reads (uncompressed, so it can be memory-mapped)."
+    "Write one tissue folder in the layout `load_tissue` reads (uncompressed, so it can be memory-mapped; each file atomically)."
     path = Path(path); path.mkdir(parents=True, exist_ok=True)
     names = list(channel_names) if channel_names is not None else MARKERS
     atomic_imwrite(path/'he.tif', he, photometric='rgb')
     atomic_imwrite(path/'sp.tif', sp, metadata={'axes': 'CYX', 'Channel': {'Name': names}})
     atomic_imwrite(path/'mask.tif', mask)
     if inst is not None: atomic_imwrite(path/'inst.tif', inst)
-    return path
-
-def atomic_imwrite(path, data, **kwargs):
-    "`tifffile.imwrite` to a temporary file next to `path`, then rename: readers never see half a file."
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix='.tmp'); os.close(fd)
-    try:
-        tifffile.imwrite(tmp, data, **kwargs); os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp): os.remove(tmp)
     return path
 
 # %% ../nbs/00_data.ipynb #abc83768
@@ -306,11 +296,7 @@ class SPStats:
     mean: list
     std: list
     def for_tissue(self, tid): return np.array(self.p99[tid], np.float32), np.array(self.mean, np.float32), np.array(self.std, np.float32)
-    def save(self, path):
-        path = Path(path); path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, suffix='.tmp')
-        with os.fdopen(fd, 'w') as f: json.dump(self.__dict__, f, indent=1)
-        os.replace(tmp, path); return path
+    def save(self, path): return atomic_write_json(path, self.__dict__)
     @classmethod
     def load(cls, path): return cls(**json.loads(Path(path).read_text()))
 
@@ -325,7 +311,7 @@ def _fg_moments(tissue, p99):
 def sp_stats(root, train_ids, cache=True):
     "Normalisation statistics of the cohort at `root`, foreground moments from `train_ids` only; cached on disk."
     root, train_ids = Path(root), sorted(train_ids)
-    key = hashlib.sha1('\n'.join(train_ids).encode()).hexdigest()[:12]
+    key = short_hash(train_ids)
     cache_path = root/'.spseg'/f'sp_stats-{key}.json'
     tissues = {p.name: p for p in list_tissues(root)}
     if cache and cache_path.exists():

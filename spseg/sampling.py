@@ -4,11 +4,11 @@
 
 # %% ../nbs/04_sampling.ipynb #ad461d0e
 from __future__ import annotations
-import hashlib, json, os, tempfile
 from pathlib import Path
 import numpy as np, torch
 from fastai.data.core import DataLoaders
 from fastai.data.load import DataLoader
+from .core import atomic_np_save, short_hash
 from .data import CLASSES, N_CLASSES, TileDataset, tile_dls
 
 # %% auto #0
@@ -37,16 +37,7 @@ def counts_key(ds):
     "Hex digest of the tile size, tile list and mask files (size, mtime) that `tile_class_counts(ds)` depends on."
     masks = {t.id: (lambda s: [s.st_size, s.st_mtime_ns])((t.path/'mask.tif').stat()) for t in ds.tissues}
     spec = dict(tile=ds.tile, tiles=ds.ids(), masks=masks)
-    return hashlib.sha1(json.dumps(spec, sort_keys=True, default=int).encode()).hexdigest()[:16]
-
-def _atomic_save(path, arr):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix='.tmp')
-    try:
-        with os.fdopen(fd, 'wb') as f: np.save(f, arr)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp): os.remove(tmp)
+    return short_hash(spec, 16)
 
 def cached_class_counts(ds: TileDataset, cache=True):
     "`tile_class_counts(ds)`, read from / written to `ROOT/.spseg/class_counts-<key>.npy`."
@@ -55,7 +46,7 @@ def cached_class_counts(ds: TileDataset, cache=True):
         counts = np.load(path)
         if counts.shape == (len(ds.tiles), N_CLASSES): return counts
     counts = tile_class_counts(ds)
-    if cache: _atomic_save(path, counts)
+    if cache: atomic_np_save(path, counts)
     return counts
 
 # %% ../nbs/04_sampling.ipynb #53a47314
