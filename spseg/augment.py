@@ -36,6 +36,7 @@ def random_elements(n, generator=None):
     "`n` dihedral elements `(k, flip)` drawn uniformly."
     return [DIHEDRAL[i] for i in torch.randint(0, len(DIHEDRAL), (n,), generator=generator).tolist()]
 
+# %% ../nbs/05_augmentation.ipynb #49cd95ef
 def _per_sample(x, elements, fn):
     out = x.clone()
     for e in set(elements):
@@ -43,6 +44,7 @@ def _per_sample(x, elements, fn):
         out[sel] = fn(x[sel], *e)
     return out
 
+# %% ../nbs/05_augmentation.ipynb #8112b8b7
 def dihedral_batch(elements, tensors=(), hv=None):
     "Apply element `elements[b]` to sample `b` of each tensor in `tensors` and of the HV maps `hv`."
     for x in list(tensors) + ([hv] if hv is not None else []):
@@ -54,6 +56,7 @@ def dihedral_batch(elements, tensors=(), hv=None):
 # %% ../nbs/05_augmentation.ipynb #c728da82
 def _uniform(lo, hi, generator): return lo + (hi - lo) * torch.rand((), generator=generator).item()
 
+# %% ../nbs/05_augmentation.ipynb #2dda0117
 def jitter_he(he, generator=None, brightness=0.2, contrast=0.2, saturation=0.2, hue=0.04):
     "Colour-jitter one normalised H&E tile `(3, H, W)` in [−1, 1] with factors drawn from `generator`."
     x = (he * 0.5 + 0.5).clamp(0, 1)
@@ -63,6 +66,7 @@ def jitter_he(he, generator=None, brightness=0.2, contrast=0.2, saturation=0.2, 
     x = TF.adjust_hue(x, _uniform(-hue, hue, generator))
     return (x - 0.5) / 0.5
 
+# %% ../nbs/05_augmentation.ipynb #541555de
 def jitter_he_batch(he, mask=None, p=0.5, generator=None, **kwargs):
     "Jitter each tile of `he` `(B, 3, H, W)` with probability `p`; padding pixels of `mask` keep their values."
     out = he.clone()
@@ -92,6 +96,7 @@ def augment_tile_xy(xb, yb, generator, **kwargs):
     sp, he, mask, inst, hv = augment_batch(*xb, *yb, generator=generator, **kwargs)
     return (sp, he), (mask, inst, hv)
 
+# %% ../nbs/05_augmentation.ipynb #032e6493
 class PairedAugment(Callback):
     "Augment each training batch jointly with `fn(xb, yb, generator, **kwargs)` (default: `augment_tile_xy`)."
     run_valid, order = False, -10
@@ -111,6 +116,7 @@ def dihedral_embeddings(z, x_img, mask, inst, hv, generator=None):
     x_img = rest.pop(0) if x_img is not None else None
     return z, x_img, rest[0], rest[1], hv
 
+# %% ../nbs/05_augmentation.ipynb #aea8a124
 def augment_embedding_xy(xb, yb, generator, **kwargs):
     "Geometric augmentation for `xb = (x_img, z1, ..., zn)`, `yb = (mask, inst, hv)` on precomputed embeddings."
     z, x_img, mask, inst, hv = dihedral_embeddings(list(xb[1:]), xb[0], *yb, generator=generator)

@@ -19,6 +19,7 @@ def shares_table(shares):
     "Rows `(class, cohort %, Table 1 %, ratio)` for the class shares `shares` (percent, length 10)."
     return [(c, float(s), TABLE1[c], float(s) / TABLE1[c]) for c, s in zip(CLASSES, shares)]
 
+# %% ../nbs/09_cli.ipynb #cbb22c1b
 def format_shares(rows):
     "The rows of `shares_table` as a fixed-width text table."
     lines = [f'{"class":<18}{"cohort %":>10}{"Table 1 %":>11}{"ratio":>8}']
@@ -35,20 +36,25 @@ def sp_composite(sp, markers=('Pan-CK', 'CD45', 'SMA')):
         rgb.append(np.clip((ch - lo) / max(hi - lo, 1e-6), 0, 1))
     return np.stack(rgb, -1)
 
+# %% ../nbs/09_cli.ipynb #70fe45c1
 def overview_figure(tissue, shares, crop=600):
     "Figure of one tissue (top-left `crop`² window) and the cohort's class shares beside Table 1."
     import matplotlib.pyplot as plt
     c = min(crop, *tissue.shape)
     fig, axs = plt.subplots(1, 4, figsize=(17, 4.2), gridspec_kw=dict(width_ratios=[1, 1, 1, 1.5]))
-    axs[0].imshow(np.asarray(tissue.he[:c, :c])); axs[0].set_title(f'H&E ({tissue.id})')
-    axs[1].imshow(sp_composite(tissue.sp_region(0, 0, c, c))); axs[1].set_title('SP: Pan-CK / CD45 / SMA')
+    axs[0].imshow(np.asarray(tissue.he[:c, :c]))
+    axs[0].set_title(f'H&E ({tissue.id})')
+    axs[1].imshow(sp_composite(tissue.sp_region(0, 0, c, c)))
+    axs[1].set_title('SP: Pan-CK / CD45 / SMA')
     axs[2].imshow(np.asarray(tissue.mask[:c, :c]), cmap=class_cmap(), vmin=0, vmax=N_CLASSES - 1, interpolation='nearest')
     axs[2].set_title('nuclei classes')
     for ax in axs[:3]: ax.axis('off')
     x = np.arange(N_CLASSES)
     axs[3].bar(x - 0.2, shares, 0.4, label='cohort', color=[class_cmap()(i) for i in x], edgecolor='k')
     axs[3].bar(x + 0.2, list(TABLE1.values()), 0.4, label='Table 1', color='white', edgecolor='k', hatch='//')
-    axs[3].set_yscale('log'); axs[3].set_ylabel('% of pixels'); axs[3].legend(fontsize=8)
+    axs[3].set_yscale('log')
+    axs[3].set_ylabel('% of pixels')
+    axs[3].legend(fontsize=8)
     axs[3].set_xticks(x, CLASSES, fontsize=8, rotation=40, ha='right')
     fig.tight_layout()
     return fig
@@ -56,8 +62,11 @@ def overview_figure(tissue, shares, crop=600):
 # %% ../nbs/09_cli.ipynb #f48db2f7
 def demo(out='demo_out', n_tissues=6, size=1000, seed=0, bs=16):
     "Write a synthetic cohort under `out`, check it loads, print its class shares beside Table 1, save an overview."
-    import matplotlib, warnings; matplotlib.use('Agg'); warnings.filterwarnings('ignore', category=FutureWarning)
-    out = Path(out); root = out/'cohort'
+    import matplotlib, warnings
+    matplotlib.use('Agg')
+    warnings.filterwarnings('ignore', category=FutureWarning)
+    out = Path(out)
+    root = out/'cohort'
     t0 = time.time()
     paths = make_cohort(root, n_tissues=n_tissues, size=size, seed=seed)
     print(f'wrote {len(paths)} tissues of {size}×{size} to {root} in {time.time() - t0:.1f} s')
@@ -75,7 +84,8 @@ def demo(out='demo_out', n_tissues=6, size=1000, seed=0, bs=16):
     print(f'(Table 1\'s rarest class, B cells at {TABLE1["B cells"]}%, is about {TABLE1["B cells"] / 100 * n_px / 300:.1f} '
           f'lymphocyte nuclei in {n_px / 1e6:.0f} Mpx: a small cohort may hold none)')
     fig = overview_figure(tissues[0], shares)
-    fig.savefig(out/'overview.png', dpi=110); print(f'\nsaved {out/"overview.png"}')
+    fig.savefig(out/'overview.png', dpi=110)
+    print(f'\nsaved {out/"overview.png"}')
     (out/'shares.json').write_text(json.dumps([dict(zip(['class', 'cohort_pct', 'table1_pct', 'ratio'], r)) for r in rows], indent=1))
     return rows
 
@@ -93,13 +103,16 @@ def _visible_cells(nb):
     nb.cells = cells
     return nb
 
+# %% ../nbs/09_cli.ipynb #166a1004
 def _notebooks(nbs='nbs'): return sorted(p for p in Path(nbs).glob('*.ipynb') if not p.name.startswith('_'))
 
+# %% ../nbs/09_cli.ipynb #94c5f15f
 def build_report(nbs='nbs', out='_report'):
     "Static HTML pages of the notebooks in `nbs` (stored outputs) and an index, under `out`."
     import nbformat
     from nbconvert import HTMLExporter
-    out = Path(out); out.mkdir(parents=True, exist_ok=True)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
     exporter, links = HTMLExporter(), []
     for p in _notebooks(nbs):
         nb = _visible_cells(nbformat.read(p, as_version=4))
@@ -111,6 +124,7 @@ def build_report(nbs='nbs', out='_report'):
                                   '<h1>spseg report</h1><ol>' + '\n'.join(links) + '</ol></body></html>')
     return out
 
+# %% ../nbs/09_cli.ipynb #86ea0c1d
 def write_readme(index='nbs/index.ipynb', out='README.md'):
     "`README.md` from the index notebook: markdown as is, visible code cells with their text output."
     import nbformat
@@ -131,15 +145,21 @@ def main(argv=None):
     p = argparse.ArgumentParser(prog='spseg', description='Nuclei segmentation from paired H&E and spatial-proteomics images.')
     sub = p.add_subparsers(dest='cmd', required=True)
     d = sub.add_parser('demo', help='synthetic cohort → load check → class shares vs Table 1 → overview figure')
-    d.add_argument('--out', default='demo_out'); d.add_argument('--n-tissues', type=int, default=6)
-    d.add_argument('--size', type=int, default=1000); d.add_argument('--seed', type=int, default=0)
+    d.add_argument('--out', default='demo_out')
+    d.add_argument('--n-tissues', type=int, default=6)
+    d.add_argument('--size', type=int, default=1000)
+    d.add_argument('--seed', type=int, default=0)
     c = sub.add_parser('cohort', help='write a synthetic cohort')
-    c.add_argument('root'); c.add_argument('--n-tissues', type=int, default=35)
-    c.add_argument('--size', type=int, default=3000); c.add_argument('--seed', type=int, default=0)
+    c.add_argument('root')
+    c.add_argument('--n-tissues', type=int, default=35)
+    c.add_argument('--size', type=int, default=3000)
+    c.add_argument('--seed', type=int, default=0)
     r = sub.add_parser('report', help='the report as static HTML (no Quarto needed)')
-    r.add_argument('--nbs', default='nbs'); r.add_argument('--out', default='_report')
+    r.add_argument('--nbs', default='nbs')
+    r.add_argument('--out', default='_report')
     m = sub.add_parser('readme', help='write README.md from nbs/index.ipynb')
-    m.add_argument('--index', default='nbs/index.ipynb'); m.add_argument('--out', default='README.md')
+    m.add_argument('--index', default='nbs/index.ipynb')
+    m.add_argument('--out', default='README.md')
     a = p.parse_args(argv)
     if a.cmd == 'demo': demo(a.out, a.n_tissues, a.size, a.seed)
     elif a.cmd == 'cohort': print('\n'.join(map(str, make_cohort(a.root, n_tissues=a.n_tissues, size=a.size, seed=a.seed))))

@@ -63,11 +63,13 @@ def atomic_torch_save(obj, path):
     with atomic_path(path) as tmp: torch.save(obj, tmp)
     return Path(path)
 
+# %% ../nbs/00_core.ipynb #af795a79
 def atomic_np_save(path, arr):
     "`np.save` of `arr` to `path` (kept as named) atomically."
     with atomic_path(path) as tmp, open(tmp, 'wb') as f: np.save(f, np.asarray(arr))
     return Path(path)
 
+# %% ../nbs/00_core.ipynb #171204cc
 def atomic_imwrite(path, data, **kwargs):
     "`tifffile.imwrite(path, data, **kwargs)` atomically."
     import tifffile
@@ -81,6 +83,7 @@ def digest(chunks, n=16):
     for c in ([chunks] if isinstance(chunks, (bytes, bytearray, memoryview)) else chunks): h.update(c)
     return h.hexdigest()[:n]
 
+# %% ../nbs/00_core.ipynb #5ed81169
 def short_hash(obj, n=12):
     "First `n` hex digits of the SHA-256 of `obj` as canonical JSON (sorted keys)."
     return digest(json.dumps(jsonable(obj), sort_keys=True).encode(), n)

@@ -34,6 +34,7 @@ def class_cmap():
     from matplotlib.colors import ListedColormap
     return ListedColormap(CLASS_COLOURS, name='spseg_classes')
 
+# %% ../nbs/00_data.ipynb #d3a75f16
 def class_legend(ax, classes=None, **kwargs):
     "Add a legend of class colours (all classes, or the ids in `classes`) to `ax`."
     from matplotlib.patches import Patch
@@ -46,6 +47,7 @@ class DataError(ValueError):
     "A file of a cohort is missing or malformed; the message names the file and the problem."
     def __init__(self, path, problem): super().__init__(f'{path}: {problem}'); self.path, self.problem = Path(path), problem
 
+# %% ../nbs/00_data.ipynb #bd28daad
 def _norm_name(s): return re.sub(r'[\s\-_]', '', str(s)).lower()
 
 # %% ../nbs/00_data.ipynb #bb47b1de
@@ -56,6 +58,7 @@ def _ome_channel_names(tif):
     names = [c.get('Name') for c in root.iter() if c.tag.split('}')[-1] == 'Channel']
     return names if names and all(names) else None
 
+# %% ../nbs/00_data.ipynb #1784e1d0
 def _json_channel_names(tif):
     md = tif.shaped_metadata
     if not md: return None
@@ -63,6 +66,7 @@ def _json_channel_names(tif):
     names = ch.get('Name') if isinstance(ch, dict) else None
     return list(names) if names else None
 
+# %% ../nbs/00_data.ipynb #48ab25c0
 def _check_complete(tif, path):
     size = os.path.getsize(path)
     for page in tif.pages:
@@ -70,6 +74,7 @@ def _check_complete(tif, path):
         if ends and max(ends) > size:
             raise DataError(path, f'truncated TIFF: image data ends at byte {max(ends)} but the file has {size} bytes')
 
+# %% ../nbs/00_data.ipynb #7b65bf45
 def read_tiff(path):
     "Read the image in `path` as `(array, channel_names or None)`; memory-mapped where possible."
     path = Path(path)
@@ -100,6 +105,7 @@ def _sp_channel_order(path, arr, names):
     if missing: raise DataError(path, f'marker(s) missing from the channel names: {", ".join(missing)} (found: {", ".join(names)})')
     return [index[_norm_name(m)] for m in MARKERS]
 
+# %% ../nbs/00_data.ipynb #1253f8ef
 def _check_finite(path, sp):
     if not np.issubdtype(sp.dtype, np.floating): return
     for c in range(sp.shape[0]):
@@ -107,12 +113,14 @@ def _check_finite(path, sp):
         if not np.isfinite(ch).all():
             raise DataError(path, f'NaN or inf in channel {c} ({int((~np.isfinite(ch)).sum())} pixels)')
 
+# %% ../nbs/00_data.ipynb #3d790b33
 def _check_labels(path, mask):
     lo, hi = int(mask.min()), int(mask.max())
     if lo < 0 or hi >= N_CLASSES:
         bad = np.unique(np.asarray(mask)[(mask < 0) | (mask >= N_CLASSES)])[:5]
         raise DataError(path, f'labels outside 0..{N_CLASSES-1}: found {", ".join(map(str, bad))}')
 
+# %% ../nbs/00_data.ipynb #36b3b3dc
 def _expect(path, arr, ndim, what):
     if arr.ndim != ndim: raise DataError(path, f'wrong dimensionality: expected {what}, got shape {tuple(arr.shape)}')
 
@@ -179,7 +187,8 @@ def load_tissue(path, check_values=True) -> Tissue:
 # %% ../nbs/00_data.ipynb #a38aeaf3
 def write_tissue(path, he, sp, mask, inst=None, channel_names=None):
     "Write one tissue folder in the layout `load_tissue` reads (uncompressed, so it can be memory-mapped; each file atomically)."
-    path = Path(path); path.mkdir(parents=True, exist_ok=True)
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
     names = list(channel_names) if channel_names is not None else MARKERS
     atomic_imwrite(path/'he.tif', he, photometric='rgb')
     atomic_imwrite(path/'sp.tif', sp, metadata={'axes': 'CYX', 'Channel': {'Name': names}})
@@ -217,6 +226,7 @@ SPLIT_SCHEMES = ('holdout', 'sequential', 'quarter', 'cv3')
 
 def _parts(ids, k): return [list(a) for a in np.array_split(np.array(ids, dtype=object), k)]
 
+# %% ../nbs/00_data.ipynb #e8b7e7d7
 def split_tissues(ids, scheme='holdout', fold=None):
     "Deterministic `(train, test)` id lists of `scheme` (and `fold`, 1-based) over the sorted `ids`."
     ids = sorted(ids)
@@ -257,8 +267,10 @@ def hv_map(inst):
     count = np.bincount(lab)
     for k, coord in enumerate((xx, yy)):
         d = coord - (np.bincount(lab, coord) / count)[lab]
-        neg = np.zeros(len(ids)); np.minimum.at(neg, lab, d)
-        pos = np.zeros(len(ids)); np.maximum.at(pos, lab, d)
+        neg = np.zeros(len(ids))
+        np.minimum.at(neg, lab, d)
+        pos = np.zeros(len(ids))
+        np.maximum.at(pos, lab, d)
         scale = np.where(d < 0, -neg[lab], pos[lab])
         hv[k][fg] = np.divide(d, scale, out=np.zeros_like(d), where=scale > 0)
     return hv
@@ -275,14 +287,17 @@ def sp_percentile(tissue, q=99.0):
         else: out.append(float(np.percentile(ch, q)))
     return np.array(out, np.float32)
 
+# %% ../nbs/00_data.ipynb #7f63fc22
 def _clip_log(sp, p99): return np.log1p(np.clip(sp, 0, np.asarray(p99, np.float32)[:, None, None]))
 
+# %% ../nbs/00_data.ipynb #9c3c8d3a
 def normalise_sp(sp, p99, mean, std, blur=True):
     "VirTues normalisation of a `(16, h, w)` SP array: clip at `p99`, log1p, standardise, blur σ=1 (3×3)."
     x = (_clip_log(sp, p99) - np.asarray(mean, np.float32)[:, None, None]) / np.asarray(std, np.float32)[:, None, None]
     if blur: x = ndi.gaussian_filter(x, sigma=(0, 1, 1), truncate=1.0, mode='reflect')
     return x.astype(np.float32)
 
+# %% ../nbs/00_data.ipynb #a556c553
 def normalise_he(he):
     "CellViT normalisation of `(h, w, 3)` uint8 H&E to `(3, h, w)` float32 in [−1, 1]."
     return ((np.asarray(he, np.float32).transpose(2, 0, 1) / 255.0) - 0.5) / 0.5
@@ -300,6 +315,7 @@ class SPStats:
     @classmethod
     def load(cls, path): return cls(**json.loads(Path(path).read_text()))
 
+# %% ../nbs/00_data.ipynb #9b2256ec
 def _fg_moments(tissue, p99):
     fg = np.asarray(tissue.mask) > 0
     n, s, s2 = int(fg.sum()), np.zeros(N_MARKERS), np.zeros(N_MARKERS)
@@ -308,6 +324,7 @@ def _fg_moments(tissue, p99):
         s[k], s2[k] = v.sum(), (v * v).sum()
     return n, s, s2
 
+# %% ../nbs/00_data.ipynb #d27241b0
 def sp_stats(root, train_ids, cache=True):
     "Normalisation statistics of the cohort at `root`, foreground moments from `train_ids` only; cached on disk."
     root, train_ids = Path(root), sorted(train_ids)
@@ -342,6 +359,7 @@ def _read_window(arr, y0, x0, y1, x1, fill=0):
     if cy1 > cy0 and cx1 > cx0: out[..., cy0-y0:cy1-y0, cx0-x0:cx1-x0] = arr[..., cy0:cy1, cx0:cx1]
     return out
 
+# %% ../nbs/00_data.ipynb #0673e947
 class TileDataset:
     "Paired `(sp, he, mask, inst, hv)` tiles of `tissues`, read lazily; `tiles` picks a subset of `(tissue, y, x)`."
     def __init__(self, tissues, stats: SPStats, tile=120, edge='pad', margin=48, tiles=None):
@@ -372,8 +390,10 @@ class TileDataset:
                     else instances_from_mask(_read_window(t.mask, *big)))
         hv = hv_map(inst_big)[:, m:m+s, m:m+s]
         inst = inst_big[m:m+s, m:m+s].astype(np.int64)
-        valid = np.zeros((s, s), bool); valid[:vh, :vw] = True
-        mask[~valid] = IGNORE_INDEX; he[:, ~valid] = 0
+        valid = np.zeros((s, s), bool)
+        valid[:vh, :vw] = True
+        mask[~valid] = IGNORE_INDEX
+        he[:, ~valid] = 0
         return sp, he, mask, inst, hv
 
     def __getitem__(self, i):

@@ -26,6 +26,7 @@ def tile_class_counts(ds: TileDataset):
         counts[n] = np.bincount(window.ravel(), minlength=N_CLASSES)[:N_CLASSES]
     return counts
 
+# %% ../nbs/04_sampling.ipynb #f6581633
 def class_presence(counts):
     "`(n_tiles, 9)` booleans: tile `i` contains nucleus class `c` (classes 1..9)."
     return np.asarray(counts)[:, NUCLEUS_CLASSES] > 0
@@ -33,12 +34,14 @@ def class_presence(counts):
 # %% ../nbs/04_sampling.ipynb #d8b58eec
 def _cohort_root(ds): return ds.tissues[0].path.parent
 
+# %% ../nbs/04_sampling.ipynb #237a39e1
 def counts_key(ds):
     "Hex digest of the tile size, tile list and mask files (size, mtime) that `tile_class_counts(ds)` depends on."
     masks = {t.id: (lambda s: [s.st_size, s.st_mtime_ns])((t.path/'mask.tif').stat()) for t in ds.tissues}
     spec = dict(tile=ds.tile, tiles=ds.ids(), masks=masks)
     return short_hash(spec, 16)
 
+# %% ../nbs/04_sampling.ipynb #36e68428
 def cached_class_counts(ds: TileDataset, cache=True):
     "`tile_class_counts(ds)`, read from / written to `ROOT/.spseg/class_counts-<key>.npy`."
     path = _cohort_root(ds)/'.spseg'/f'class_counts-{counts_key(ds)}.npy'
@@ -88,6 +91,7 @@ class WeightedDataLoader(DataLoader):
     def new(self, dataset=None, cls=None, **kwargs):
         return super().new(dataset, cls, **{'weights': self.weights, 'seed': self.seed, **kwargs})
 
+# %% ../nbs/04_sampling.ipynb #d9ecb8df
 def weighted_dls(root, train_ids, valid_ids, gamma, bs=16, tile=120, seed=0, num_workers=0, **kwargs):
     "`tile_dls` whose training loader draws tiles by the eq. 2 weights for `gamma` (seeded, with replacement)."
     dls = tile_dls(root, train_ids, valid_ids, bs=bs, tile=tile, seed=seed, num_workers=num_workers, **kwargs)

@@ -30,6 +30,7 @@ def coarse_field(shape, scale, rng, step=8):
     f = ndi.gaussian_filter(rng.standard_normal((gh, gw)), scale / step, mode='wrap')
     return ((f - f.mean()) / (f.std() + 1e-12)).astype(np.float32)
 
+# %% ../nbs/00a_synthetic.ipynb #9ab98e2a
 def upsample(grid, step, shape):
     "Bilinear interpolation of a coarse `grid` (node k at pixel k·`step`) to a float32 image of `shape`."
     def axis(n, m):
@@ -93,6 +94,7 @@ def lineage_table(key):
     "Parameter `key` of each lineage, indexed by lineage number, as float32."
     return np.array([LINEAGES[n][key] for n in LINEAGE_NAMES], np.float32)
 
+# %% ../nbs/00a_synthetic.ipynb #9f0d52f1
 def mean_nucleus_area(lineage):
     "Expected area (px) of a nucleus of `lineage`: π·a·b."
     p = LINEAGES[lineage]
@@ -127,9 +129,11 @@ def stamp_nucleus(maps, nid, cy, cx, a, b, theta, harm=(), notch=0.0, cyto=1.4, 
     paint = nuc & ~taken
     si[paint] = nid
     body = ((r < cyto) & (sc == 0) & ~sb) | paint
-    sc[body] = nid; sq[body] = r[body]
+    sc[body] = nid
+    sq[body] = r[body]
     return int(paint.sum())
 
+# %% ../nbs/00a_synthetic.ipynb #809c5dc9
 def empty_maps(shape):
     "Blank (inst, cell, q, blocked) maps for `stamp_nucleus`."
     return (np.zeros(shape, np.int32), np.zeros(shape, np.int32), np.zeros(shape, np.float32), np.zeros(shape, bool))
@@ -166,6 +170,7 @@ def _orientation(lineage, pts, layout, rng):
     g = layout.angle[np.rint(pts[:, 0] / layout.step).astype(int), np.rint(pts[:, 1] / layout.step).astype(int)]
     return g + (np.pi / 2 if mode == 'tangential' else 0) + rng.normal(0, 0.3, n)
 
+# %% ../nbs/00a_synthetic.ipynb #e9bd12f0
 def _place_vessels(layout, maps, stamp, remaining, rng, max_vessels=10_000):
     "Add vessels (blocked lumen + endothelial lining) while endothelium is under budget."
     inst, _, _, blocked = maps
@@ -189,6 +194,7 @@ def _place_vessels(layout, maps, stamp, remaining, rng, max_vessels=10_000):
                 stamp(6, cy + rr * np.sin(al), cx + rr * np.cos(al), s['a'][j], s['b'][j], al + np.pi / 2, s['harm'][j], 0.0, s['cyto'][j])
             if remaining() < area / 2: break
 
+# %% ../nbs/00a_synthetic.ipynb #b47dc797
 def place_nuclei(layout, targets, rng, max_overlap=0.25, max_rounds=8):
     "Vessels, then all other nuclei, until each class has painted about `targets[c]` pixels. Returns maps and per-id tables."
     maps = empty_maps(layout.shape)
@@ -196,7 +202,9 @@ def place_nuclei(layout, targets, rng, max_overlap=0.25, max_rounds=8):
     def stamp(c, cy, cx, a, b, theta, harm, notch, cyto):
         if targets[c] - painted[c] < math.pi * a * b / 2: return 0     # would overshoot the budget
         n = stamp_nucleus(maps, len(cls), cy, cx, a, b, theta, harm, notch, cyto, max_overlap)
-        if n: cls.append(c); painted[c] += n
+        if n:
+            cls.append(c)
+            painted[c] += n
         return n
     _place_vessels(layout, maps, stamp, lambda: targets[6] - painted[6], rng)
     for _ in range(max_rounds):
@@ -254,15 +262,18 @@ def expression_table():
     for (c, m), l in EXPRESSION_LEVEL.items(): L[CLASSES.index(c), MARKERS.index(m)] = l
     return P, L
 
+# %% ../nbs/00a_synthetic.ipynb #55b35d0d
 def cell_expression(cls, rng, dim_frac=0.15, sd=0.4, unspecific=0.02):
     "Expression level (cells, markers), float32, of cells of classes `cls` (row 0, class 0, is no cell: all zero)."
-    cls = np.asarray(cls); n = len(cls)
+    cls = np.asarray(cls)
+    n = len(cls)
     P, L = expression_table()
     pos = rng.random((n, N_MARKERS)) < P[cls]
     i68, i163 = MARKERS.index('CD68'), MARKERS.index('CD163')
     neither = (cls == CLASSES.index('Macrophage')) & ~pos[:, i68] & ~pos[:, i163]   # and/or: at least one of the two
     pick = rng.random(n) < 0.5
-    pos[neither & pick, i68] = True; pos[neither & ~pick, i163] = True
+    pos[neither & pick, i68] = True
+    pos[neither & ~pick, i163] = True
     level = rng.lognormal(0, sd, (n, N_MARKERS)) * L[cls]
     dim = rng.random((n, N_MARKERS)) < dim_frac
     level = np.where(dim, level * rng.uniform(0.12, 0.35, (n, N_MARKERS)), level)
@@ -286,10 +297,13 @@ def localisation_maps(nuc):
     cyto = lineage_table('cyto')[nuc.lineage]
     rho = nuc.q / cyto[nuc.cell]                        # 0 at the centre, 1 at the cell border
     mem = np.exp(-((rho - 0.92) / 0.08) ** 2, dtype=np.float32)
-    mem[~has_cell] = 0; mem[nucm] += 0.3
-    cyt = has_cell.astype(np.float32); cyt[nucm] = 0.25
+    mem[~has_cell] = 0
+    mem[nucm] += 0.3
+    cyt = has_cell.astype(np.float32)
+    cyt[nucm] = 0.25
     return dict(nuclear=nucm.astype(np.float32), cytoplasm=cyt, membrane=mem)
 
+# %% ../nbs/00a_synthetic.ipynb #bc7400cf
 def render_sp(nuc, xmaps, rng, blur=1.2, gain=1.5, read_noise=12.0, offset=120.0):
     "The (16, H, W) uint16 SP image of the placed cells `nuc` over the background `xmaps`."
     shape = nuc.inst.shape
@@ -300,12 +314,14 @@ def render_sp(nuc, xmaps, rng, blur=1.2, gain=1.5, read_noise=12.0, offset=120.0
     illum = 1 + 0.08 * upsample(coarse_field(shape, 800, rng, 32), 32, shape)
     out, buf = np.empty((N_MARKERS,) + shape, np.uint16), np.empty(shape, np.float32)
     for c, m in enumerate(MARKERS):
-        s = E[:, c][nuc.cell]; s *= chan[m] * loc[LOCALISATION[m]]
+        s = E[:, c][nuc.cell]
+        s *= chan[m] * loc[LOCALISATION[m]]
         for src, dst, f in SPILLOVER:
             if dst == m: s += (f * chan[src]) * E[:, MARKERS.index(src)][nuc.cell] * loc[LOCALISATION[src]]
         s += AUTOFLUORESCENCE[m] * af
         ndi.gaussian_filter(s, blur, output=buf, truncate=3.0)
-        buf += offset; buf *= illum
+        buf += offset
+        buf *= illum
         noise = rng.standard_normal(shape, dtype=np.float32)
         noise *= np.sqrt(gain * buf + read_noise ** 2)
         buf += noise
@@ -319,10 +335,13 @@ RUIFROK_H, RUIFROK_E = np.array([0.65, 0.70, 0.29]), np.array([0.07, 0.99, 0.11]
 def stain_vectors(rng=None, jitter=0.04):
     "Unit optical-density vectors of hematoxylin and eosin (Ruifrok), perturbed per slide when `rng` is given."
     H, E = RUIFROK_H.copy(), RUIFROK_E.copy()
-    if rng is not None: H += rng.normal(0, jitter, 3); E += rng.normal(0, jitter, 3)
+    if rng is not None:
+        H += rng.normal(0, jitter, 3)
+        E += rng.normal(0, jitter, 3)
     H, E = np.clip(H, 0.01, None), np.clip(E, 0.01, None)
     return H / np.linalg.norm(H), E / np.linalg.norm(E)
 
+# %% ../nbs/00a_synthetic.ipynb #8d654764
 def beer_lambert(h, e, H, E, i0=(255., 255., 255.)):
     "RGB uint8 image (…, 3) from hematoxylin and eosin densities `h`, `e` and stain vectors `H`, `E`."
     out = np.empty(h.shape + (3,), np.uint8)
@@ -333,8 +352,10 @@ def beer_lambert(h, e, H, E, i0=(255., 255., 255.)):
 # %% ../nbs/00a_synthetic.ipynb #a744cff1
 def _unit_noise(x):
     "Rescale a filtered noise image in place to unit standard deviation (estimated on a subsample)."
-    x *= np.float32(1 / (x[::7, ::7].std() + 1e-6)); return x
+    x *= np.float32(1 / (x[::7, ::7].std() + 1e-6))
+    return x
 
+# %% ../nbs/00a_synthetic.ipynb #f3746313
 def render_he(nuc, xmaps, rng, blur=0.7):
     "The (H, W, 3) uint8 H&E image of the placed cells `nuc` over the background `xmaps`."
     shape, lin, n = nuc.inst.shape, nuc.lineage, len(nuc.cls)
@@ -343,7 +364,8 @@ def render_he(nuc, xmaps, rng, blur=0.7):
     fine = _unit_noise(ndi.gaussian_filter(rng.standard_normal(shape, dtype=np.float32), 0.8, truncate=3.0))
     coarse = _unit_noise(ndi.gaussian_filter(fine, 2.5, truncate=3.0))
     e = xmaps.ecm * np.float32(0.6) * (1 + 0.15 * fine)
-    h = np.full(shape, 0.03, np.float32); h[xmaps.lumen] = 0.08
+    h = np.full(shape, 0.03, np.float32)
+    h[xmaps.lumen] = 0.08
     cyt = np.flatnonzero((nuc.cell > 0) & (nuc.inst == 0))
     ids = nuc.cell.ravel()[cyt]
     e.ravel()[cyt] = tab['eo'][ids] * (1 + 0.12 * coarse.ravel()[cyt])
@@ -351,13 +373,15 @@ def render_he(nuc, xmaps, rng, blur=0.7):
     ids, r = nuc.inst.ravel()[px], nuc.q.ravel()[px]
     hv = level[ids] * (1 + tab['fine'][ids] * fine.ravel()[px] + tab['coarse'][ids] * coarse.ravel()[px])
     hv += tab['rim'][ids] * np.clip((r - 0.72) / 0.28, 0, 1) ** 2 + tab['nucleolus'][ids] * np.exp(-(r / 0.2) ** 2)
-    h.ravel()[px] = hv; e.ravel()[px] = 0.12
+    h.ravel()[px] = hv
+    e.ravel()[px] = 0.12
     e[xmaps.rbc] = 0.9
     del fine, coarse
     h = ndi.gaussian_filter(np.clip(h, 0, None), blur, truncate=3.0)
     e = ndi.gaussian_filter(np.clip(e, 0, None), blur, truncate=3.0)
     H, E = stain_vectors(rng)
-    h *= np.float32(rng.uniform(0.85, 1.15)); e *= np.float32(rng.uniform(0.8, 1.2))
+    h *= np.float32(rng.uniform(0.85, 1.15))
+    e *= np.float32(rng.uniform(0.8, 1.2))
     h += rng.normal(0, 0.015, shape).astype(np.float32)
     return beer_lambert(h, e, H, E, i0=rng.uniform(238, 252, 3))
 
@@ -369,6 +393,7 @@ class SynthTissue(NamedTuple):
     mask: np.ndarray  # (H, W) uint8 class ids
     inst: np.ndarray  # (H, W) int32 nucleus ids, 0 = none
 
+# %% ../nbs/00a_synthetic.ipynb #7b4de1d2
 def make_tissue(size=3000, rng=0, shares=None, max_overlap=0.25, sp_blur=1.2) -> SynthTissue:
     "One synthetic tissue of `size` (int or (H, W)) from `rng` (a Generator, SeedSequence or seed); `shares` overrides Table 1 (%)."
     shape = (int(size), int(size)) if np.ndim(size) == 0 else tuple(int(s) for s in size)
@@ -384,7 +409,8 @@ def make_tissue(size=3000, rng=0, shares=None, max_overlap=0.25, sp_blur=1.2) ->
 # %% ../nbs/00a_synthetic.ipynb #928154a0
 def make_cohort(root, n_tissues=35, size=3000, seed=0, prefix='tissue', overwrite=True, progress=True, **kwargs):
     "Write `n_tissues` synthetic tissues under `root` in the `spseg.data` layout; returns their paths (sorted). `kwargs` go to `make_tissue`."
-    root = Path(root); root.mkdir(parents=True, exist_ok=True)
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
     width = max(3, len(str(n_tissues - 1)))
     seeds = np.random.SeedSequence(seed).spawn(n_tissues)
     it = range(n_tissues)
