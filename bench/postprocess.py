@@ -135,7 +135,7 @@ def measure(case, folder, reps, trace=False, out=None):
 
 def main(a):
     import numpy as np
-    from spseg.instance import panoptic_quality
+    from spseg.metrics import panoptic_quality
     monai = have_monai()
     if not monai: print('MONAI is not installed (pip install monai==1.6.1): the reference cases are skipped.')
     cases = [c for c in CASES if (monai or not c.startswith('MONAI')) and not (a.skip_monai_full and c == 'MONAI full')]
