@@ -45,7 +45,9 @@ def class_legend(ax, classes=None, **kwargs):
 # %% ../nbs/00_data.ipynb #5d09b809
 class DataError(ValueError):
     "A file of a cohort is missing or malformed; the message names the file and the problem."
-    def __init__(self, path, problem): super().__init__(f'{path}: {problem}'); self.path, self.problem = Path(path), problem
+    def __init__(self, path, problem):
+        super().__init__(f'{path}: {problem}')
+        self.path, self.problem = Path(path), problem
 
 # %% ../nbs/00_data.ipynb #bd28daad
 def _norm_name(s): return re.sub(r'[\s\-_]', '', str(s)).lower()
@@ -102,7 +104,8 @@ def _sp_channel_order(path, arr, names):
         raise DataError(path, f'{len(names)} channel names for {arr.shape[0]} channels')
     index = {_norm_name(n): i for i, n in enumerate(names)}
     missing = [m for m in MARKERS if _norm_name(m) not in index]
-    if missing: raise DataError(path, f'marker(s) missing from the channel names: {", ".join(missing)} (found: {", ".join(names)})')
+    if missing:
+        raise DataError(path, f'marker(s) missing from the channel names: {", ".join(missing)} (found: {", ".join(names)})')
     return [index[_norm_name(m)] for m in MARKERS]
 
 # %% ../nbs/00_data.ipynb #1253f8ef
@@ -141,14 +144,16 @@ class Tissue:
     @property
     def sp(self): return self.sp_region(0, 0, *self.shape)
     @property
-    def inst(self): return np.asarray(self.inst_raw) if self.inst_raw is not None else instances_from_mask(np.asarray(self.mask))
+    def inst(self):
+        return np.asarray(self.inst_raw) if self.inst_raw is not None else instances_from_mask(np.asarray(self.mask))
     def sp_region(self, y0, x0, y1, x1):
         "SP of the window `[y0:y1, x0:x1]` as float32 `(16, h, w)` in marker order."
         order = self.sp_order
         if order == list(range(len(order))) and len(order) == self.sp_raw.shape[0]: a = self.sp_raw[:, y0:y1, x0:x1]
         else: a = np.stack([self.sp_raw[c, y0:y1, x0:x1] for c in order])
         return a.astype(np.float32)
-    def __repr__(self): return f'Tissue({self.id!r}, {self.shape[0]}×{self.shape[1]}, inst={"file" if self.inst_raw is not None else "from mask"})'
+    def __repr__(self):
+        return f'Tissue({self.id!r}, {self.shape[0]}×{self.shape[1]}, inst={"file" if self.inst_raw is not None else "from mask"})'
 
 # %% ../nbs/00_data.ipynb #cdcdd2ac
 TISSUE_FILES = dict(he='he.tif', sp='sp.tif', mask='mask.tif', inst='inst.tif')
@@ -168,12 +173,14 @@ def load_tissue(path, check_values=True) -> Tissue:
     order = _sp_channel_order(f['sp'], sp, names)
     mask, _ = read_tiff(f['mask'])
     _expect(f['mask'], mask, 2, '(H, W) class ids')
-    if not np.issubdtype(mask.dtype, np.integer): raise DataError(f['mask'], f'wrong dtype {mask.dtype}, expected uint8 class ids')
+    if not np.issubdtype(mask.dtype, np.integer):
+        raise DataError(f['mask'], f'wrong dtype {mask.dtype}, expected uint8 class ids')
     inst = None
     if f['inst'].exists():
         inst, _ = read_tiff(f['inst'])
         _expect(f['inst'], inst, 2, '(H, W) instance ids')
-        if not np.issubdtype(inst.dtype, np.integer): raise DataError(f['inst'], f'wrong dtype {inst.dtype}, expected int32 instance ids')
+        if not np.issubdtype(inst.dtype, np.integer):
+            raise DataError(f['inst'], f'wrong dtype {inst.dtype}, expected int32 instance ids')
     hw = mask.shape
     for k, shape in [('he', he.shape[:2]), ('sp', sp.shape[1:])] + ([('inst', inst.shape)] if inst is not None else []):
         if tuple(shape) != tuple(hw):
@@ -310,7 +317,8 @@ class SPStats:
     p99: dict            # tissue id -> 16 percentiles
     mean: list
     std: list
-    def for_tissue(self, tid): return np.array(self.p99[tid], np.float32), np.array(self.mean, np.float32), np.array(self.std, np.float32)
+    def for_tissue(self, tid):
+        return np.array(self.p99[tid], np.float32), np.array(self.mean, np.float32), np.array(self.std, np.float32)
     def save(self, path): return atomic_write_json(path, self.__dict__)
     @classmethod
     def load(cls, path): return cls(**json.loads(Path(path).read_text()))
@@ -343,7 +351,8 @@ def sp_stats(root, train_ids, cache=True):
         if tid in train_ids:
             dn, ds, ds2 = _fg_moments(t, np.array(p99[tid]))
             n, s, s2 = n + dn, s + ds, s2 + ds2
-    if n == 0: raise DataError(root, 'the training tissues have no foreground (mask > 0) pixels to compute SP statistics from')
+    if n == 0:
+        raise DataError(root, 'the training tissues have no foreground (mask > 0) pixels to compute SP statistics from')
     mean = s / n
     std = np.sqrt(np.maximum(s2 / n - mean ** 2, 0)) + 1e-6
     st = SPStats(train_ids, p99, mean.tolist(), std.tolist())
@@ -366,7 +375,8 @@ class TileDataset:
         self.tissues = [t if isinstance(t, Tissue) else load_tissue(t) for t in tissues]
         self.stats, self.tile, self.margin = stats, tile, margin
         missing = [t.id for t in self.tissues if t.id not in stats.p99]
-        if missing: raise DataError(self.tissues[0].path.parent, f'no SP statistics for tissue(s) {", ".join(missing)}; recompute sp_stats')
+        if missing:
+            raise DataError(self.tissues[0].path.parent, f'no SP statistics for tissue(s) {", ".join(missing)}; recompute sp_stats')
         self.tiles = tiles if tiles is not None else [(i, int(y), int(x)) for i, t in enumerate(self.tissues)
                                                       for y, x in tile_grid(*t.shape, tile=tile, edge=edge)]
     def __len__(self): return len(self.tiles)

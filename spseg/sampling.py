@@ -74,7 +74,8 @@ class WeightedDataLoader(DataLoader):
         if weights is None: weights = np.ones(self.n)
         weights = torch.as_tensor(np.asarray(weights, np.float64))
         if len(weights) != self.n: raise ValueError(f'{len(weights)} weights for a dataset of {self.n} items')
-        if (weights < 0).any() or weights.sum() <= 0: raise ValueError('weights must be non-negative with a positive sum')
+        if (weights < 0).any() or weights.sum() <= 0:
+            raise ValueError('weights must be non-negative with a positive sum')
         self.weights, self.seed = weights, seed
         self.generator = torch.Generator().manual_seed(seed)
 
