@@ -8,7 +8,7 @@ import torch, torch.nn.functional as F
 from .data import IGNORE_INDEX, N_CLASSES
 
 # %% auto #0
-__all__ = ['valid_pixels', 'one_hot', 'zero_loss', 'ce_loss', 'class_weights', 'dice_loss', 'focal_tversky_loss', 'sobel_kernels',
+__all__ = ['valid_pixels', 'one_hot', 'zero_loss', 'ce_loss', 'class_weights', 'dice_loss', 'focal_tversky_loss', 'msge_kernels',
            'hv_gradients', 'mse_loss', 'msge_loss', 'binary_target', 'boundary_target', 'bce_loss', 'SemanticLoss',
            'InstanceLoss']
 
@@ -64,7 +64,7 @@ def focal_tversky_loss(logits, target, alpha=0.7, beta=0.3, gamma=4/3, smooth=1e
     return per_class.sum() if weight is None else (per_class * weight.to(per_class)).sum()
 
 # %% ../nbs/03_losses.ipynb #a87683d1
-def sobel_kernels(size=5):
+def msge_kernels(size=5):
     "`(k_h, k_v)`: `size`×`size` kernels i/(i²+j²) and j/(i²+j²), i = column offset (x), j = row offset (y)."
     r = torch.arange(size, dtype=torch.float32) - size // 2
     j, i = torch.meshgrid(r, r, indexing='ij')            # j varies down rows (y), i along columns (x)
@@ -72,8 +72,8 @@ def sobel_kernels(size=5):
     return i / d, j / d
 
 def hv_gradients(hv, size=5):
-    "∂h/∂x and ∂v/∂y of HV maps `(B, 2, H, W)` with `sobel_kernels` (zero padding), as `(B, 2, H, W)`."
-    kh, kv = sobel_kernels(size)
+    "∂h/∂x and ∂v/∂y of HV maps `(B, 2, H, W)` with `msge_kernels` (zero padding), as `(B, 2, H, W)`."
+    kh, kv = msge_kernels(size)
     k = torch.stack([kh, kv])[:, None].to(hv)              # (2, 1, s, s), one kernel per channel
     return F.conv2d(hv, k, padding=size // 2, groups=2)
 
