@@ -1,26 +1,33 @@
-"Training protocol, scoring, configs and runs of `spseg.train` on tiny synthetic data."
-import json, math, warnings
+"Training protocol of `spseg.train` on tiny data: determinism, schedule, best checkpoint, logged metrics, cached tiles."
+import math, warnings
 import numpy as np, pytest, torch, torch.nn as nn
 warnings.filterwarnings('ignore', message='`torch.jit.script` is deprecated')
+from types import SimpleNamespace
 from fastai.data.core import DataLoaders
 from fastai.data.load import DataLoader
-from fastai.learner import Learner, Metric
+from fastai.learner import Metric
 from fastai.callback.core import Callback
 from fastai.torch_core import set_seed
-from spseg.data import IGNORE_INDEX, N_CLASSES
+from spseg.data import IGNORE_INDEX, N_CLASSES, TileDataset, list_tissues, sp_stats
 from spseg.synthetic import make_cohort
-from spseg.train import (confusion, per_class_dice, pixel_shares, mean_dice, class_table, cosine_restart_lr, CosineRestarts,
-                         BestCheckpoint, seg_learner, RunConfig, preset_config, run_experiment, finished_run, study_grid,
-                         results_table, majority_baseline)
+from spseg.metrics import confusion, hv_mse
+from spseg.encoders import VirTuesEncoder, CellViTEncoder
+from spseg.cache import build_cache, CacheMismatch
+from spseg.decoder import decoder_for
+from spseg.train import (cosine_restart_lr, CosineRestarts, BestCheckpoint, seg_learner, ConfusionMetric, HVMSE,
+                         task_metrics, CachedTiles, DecoderOnStates, EncoderDecoder, cached_dls, evaluate)
 
 torch.set_num_threads(2)
+
 
 # ---- a tiny model and data in the learner's format: xb = (x,), yb = (mask, inst, hv)
 class TinySeg(nn.Module):
     def __init__(self):
         super().__init__()
-        self.net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, N_CLASSES, 1))
+        self.net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+                                 nn.Conv2d(8, N_CLASSES, 1))
     def forward(self, x): return dict(types=self.net(x))
+
 
 def toy_dls(n=16, size=16, bs=4, seed=0):
     g = torch.Generator().manual_seed(seed)
@@ -32,12 +39,13 @@ def toy_dls(n=16, size=16, bs=4, seed=0):
     for dl in dls.loaders: dl.n_inp = 1
     return dls
 
+
 def ce(pred, mask, inst, hv): return nn.functional.cross_entropy(pred['types'], mask)
+
 
 def toy_learner(path, seed=0, **kwargs):
     set_seed(seed, reproducible=True)
-    dls = toy_dls(seed=seed)
-    return seg_learner(dls, TinySeg(), ce, path, **kwargs)
+    return seg_learner(toy_dls(seed=seed), TinySeg(), ce, path, **kwargs)
 
 
 def test_determinism(tmp_path):
@@ -47,7 +55,8 @@ def test_determinism(tmp_path):
         learn.fit(3, 1e-2)
         runs.append(([float(l) for l in learn.recorder.losses], learn.recorder.values))
     assert runs[0] == runs[1]
-    other = toy_learner(tmp_path/'r2', seed=1); other.fit(3, 1e-2)
+    other = toy_learner(tmp_path/'r2', seed=1)
+    other.fit(3, 1e-2)
     assert [float(l) for l in other.recorder.losses] != runs[0][0]
 
 
@@ -58,7 +67,8 @@ def test_cosine_restart_curve(tmp_path):
         sch = torch.optim.lr_scheduler.CosineAnnealingWarmRestarts(opt, T_0=20, T_mult=T_mult, eta_min=1e-6)
         for e in range(70):
             assert math.isclose(cosine_restart_lr(e, 5e-4, 20, 1e-6, T_mult), opt.param_groups[0]['lr'], rel_tol=1e-9)
-            opt.step(); sch.step()
+            opt.step()
+            sch.step()
     # the callback in a learner: starts at the base rate, reaches ~eta_min at T0-1, restarts at T0
     learn = toy_learner(tmp_path, T0=3, eta_min=1e-6, patience=100)
     learn.fit(7, 1e-2)
@@ -81,6 +91,7 @@ class Scripted(Metric):
     @property
     def name(self): return 'mean_dice'
 
+
 class Snapshots(Callback):
     order = 55
     def before_fit(self): self.w = []
@@ -99,84 +110,107 @@ def test_early_stopping_restores_best(tmp_path):
     saved = torch.load(tmp_path/'best.pth', weights_only=True)
     assert all(torch.equal(sd[k], saved[k]) for k in sd)
     assert (tmp_path/'history.csv').read_text().count('\n') == 6   # header + 5 epochs
+    assert not list(tmp_path.glob('*.tmp'))                          # atomic saves leave no temporary files
 
 
-def test_metrics_hand_made():
-    #            class 0: 2 true, class 1: 3 true, class 4: 1 true; 3 padding pixels predicted as class 7
-    target = torch.tensor([[0, 0, 1, 1, 1, 4, IGNORE_INDEX, IGNORE_INDEX, IGNORE_INDEX]])
-    pred = torch.tensor([[0, 1, 1, 1, 0, 2, 7, 7, 7]])
-    cm = confusion(pred, target)
-    assert cm.sum() == 6 and cm[:, 7].sum() == 0
-    d = per_class_dice(cm)
-    # class 0: TP 1, FP 1, FN 1 -> 1/2; class 1: TP 2, FP 1, FN 1 -> 2/3; class 2: FP 1 -> 0; class 4: FN 1 -> 0
-    np.testing.assert_allclose(d[[0, 1, 2, 4]], [0.5, 2 / 3, 0, 0])
-    assert np.isnan(d[[3, 5, 6, 7, 8, 9]]).all()               # absent from both: left out
-    assert mean_dice(cm) == pytest.approx((0.5 + 2 / 3) / 4)
-    gt, pr = pixel_shares(cm)
-    np.testing.assert_allclose(gt[[0, 1, 4]], [100 * 2 / 6, 50, 100 / 6]); np.testing.assert_allclose(pr[[0, 1, 2]], [100 * 2 / 6, 50, 100 / 6])
-    assert gt.sum() == pytest.approx(100) and pr.sum() == pytest.approx(100)
-    t = class_table(cm)
-    assert list(t.columns) == ['class', 'GT %', 'Pred %', 'Dice'] and t.iloc[-1]['Dice'] == pytest.approx(mean_dice(cm), abs=1e-4)
-    # majority baseline: all background
-    b = majority_baseline([80, 20] + [0] * 8, target)
-    assert per_class_dice(b)[0] == pytest.approx(2 * 2 / (2 * 2 + 4))
+def test_evaluate_gives_the_best_logged_score(tmp_path):
+    learn = toy_learner(tmp_path, patience=100)
+    learn.fit(4, 1e-2)
+    scores, cm = evaluate(learn.model, learn.dls.valid)
+    col = learn.recorder.metric_names.index('mean_dice') - 1
+    assert scores['mean_dice'] == pytest.approx(max(v[col] for v in learn.recorder.values), abs=1e-9)
+    assert int(cm.sum()) == 4 * 16 * 16
 
 
-def test_all_padding_and_perfect():
-    t = torch.full((4, 4), IGNORE_INDEX)
-    assert confusion(torch.zeros(4, 4, dtype=torch.long), t).sum() == 0 and math.isnan(mean_dice(confusion(t * 0, t)))
-    y = torch.randint(0, N_CLASSES, (3, 8, 8))
-    assert mean_dice(confusion(y, y)) == 1.0
+def test_confusion_metric_accumulates_the_split():
+    g = torch.Generator().manual_seed(0)
+    ids = lambda: torch.randint(0, N_CLASSES, (2, 5, 5), generator=g)
+    batches = [(ids(), ids()) for _ in range(3)]
+    batches[1][1][0, :, :2] = IGNORE_INDEX
+    m = ConfusionMetric()
+    for p, y in batches:
+        m.accumulate(SimpleNamespace(pred=dict(types=nn.functional.one_hot(p, N_CLASSES).permute(0, 3, 1, 2).float()),
+                                     yb=(y, None, None)))
+    whole = confusion(torch.cat([p for p, _ in batches]), torch.cat([y for _, y in batches]))
+    assert np.array_equal(m.cm.numpy(), np.asarray(whole)) and int(m.cm.sum()) == 3 * 2 * 25 - 10
 
 
-def test_config_json_roundtrip():
-    c = preset_config('tiny', name='x', root='/data/c', gamma=0.45, fold=2, split='quarter', variant='masked')
-    back = RunConfig.from_json(c.to_json())
-    assert back == c and back.hash == c.hash
-    assert RunConfig(seed=1).hash != RunConfig(seed=2).hash
-    with pytest.raises(ValueError, match='bogus'): RunConfig.from_json(json.dumps({'bogus': 1}))
-
-
-def test_study_grids():
-    assert len(study_grid('loss', '/c')) == 8 and len(study_grid('augmentation', '/c')) == 6
-    assert {c.variant for c in study_grid('decoder', '/c', 'paper')} == {'baseline', 'boundary', 'global', 'masked'}
-    p = study_grid('skip', '/c', 'paper')
-    assert {(c.epochs, c.bs, c.lr, c.patience) for c in p} == {(30, 128, 5e-4, 30)}
+def test_hv_mse_metric_is_the_split_mse():
+    "HVMSE over batches of tiles equals `spseg.metrics.hv_mse`'s definition over all their valid pixels."
+    g = torch.Generator().manual_seed(1)
+    pred, true = torch.randn(3, 2, 2, 6, 6, generator=g), torch.randn(3, 2, 2, 6, 6, generator=g)
+    masks = torch.zeros(3, 2, 6, 6, dtype=torch.long)
+    masks[2, 1] = IGNORE_INDEX
+    m = HVMSE()
+    m.reset()
+    for k in range(3): m.accumulate(SimpleNamespace(pred=dict(hv=pred[k]), yb=(masks[k], None, true[k])))
+    valid = (masks != IGNORE_INDEX)[:, :, None].expand_as(true)
+    assert m.value == pytest.approx(float(((pred - true) ** 2)[valid].double().mean()), rel=1e-6)
+    assert [x.name for x in task_metrics('instance')] == ['binary_dice', 'hv_mse']
+    # one tile, against hv_mse of a prediction = the true map of an instance map (zero error)
+    inst = np.zeros((6, 6), np.int32)
+    inst[1:4, 1:4] = 1
+    from spseg.data import hv_map
+    assert hv_mse(hv_map(inst), inst) == 0.0
 
 
 @pytest.fixture(scope='module')
-def cohort(tmp_path_factory):
-    root = tmp_path_factory.mktemp('cohort')
-    make_cohort(root, n_tissues=2, size=240, seed=3, progress=False)
-    return root
+def cache_setup(tmp_path_factory):
+    "Two 250-px tissues (padded edge tiles), their stats, and caches of a tiny VirTues and a tiny H&E ViT."
+    d = tmp_path_factory.mktemp('cached')
+    make_cohort(d/'cohort', n_tissues=2, size=250, seed=5, progress=False)
+    paths = list_tissues(d/'cohort')
+    stats = sp_stats(d/'cohort', [p.name for p in paths])
+    torch.manual_seed(0)
+    sp_enc, he_enc = VirTuesEncoder('tiny'), CellViTEncoder('tiny')
+    caches = {k: build_cache(d/k, paths, e, stats, bs=9) for k, e in dict(sp=sp_enc, he=he_enc).items()}
+    return paths, stats, dict(sp=sp_enc, he=he_enc), caches
 
 
-def test_end_to_end_and_resume(cohort, tmp_path, monkeypatch):
-    cfg = preset_config('tiny', name='e2e', root=str(cohort), epochs=2, patience=2)
-    res = run_experiment(cfg, tmp_path/'runs', cache_dir=tmp_path/'caches')
-    d = tmp_path/'runs'/cfg.run_name
-    assert sorted(p.name for p in d.iterdir()) == ['best.pth', 'config.json', 'history.csv', 'metrics.json']
-    assert RunConfig.from_json((d/'config.json').read_text()) == cfg
-    m = json.loads((d/'metrics.json').read_text())
-    assert m == res and m['config_hash'] == cfg.hash and 0 <= m['mean_dice'] <= 1
-    assert len(m['per_class']['dice']) == N_CLASSES and sum(m['per_class']['gt_pct']) == pytest.approx(100)
-    assert m['epochs_run'] == 2 and m['n_train_tiles'] == 4 and m['n_valid_tiles'] == 4
-    assert not list((tmp_path/'runs').glob('.*.partial'))
-    # resume: a finished run is read back, not trained again
-    import spseg.train as T
-    monkeypatch.setattr(T, '_model_and_dls', lambda *a, **k: pytest.fail('a finished run was recomputed'))
-    assert run_experiment(cfg, tmp_path/'runs', cache_dir=tmp_path/'caches') == res
-    assert finished_run(cfg, tmp_path/'runs') == res
-    assert finished_run(RunConfig(**{**cfg.__dict__, 'seed': 9}), tmp_path/'runs') is None
-    tab = results_table('skip', [(cfg, res)])
-    assert tab.loc[0, 'study'] == '0.4787 ± 0.0492'
+@pytest.mark.parametrize('mod', ['sp', 'he'])
+def test_cached_tiles_ask_the_encoder(cache_setup, mod):
+    paths, stats, encs, caches = cache_setup
+    enc = encs[mod]
+    ds = CachedTiles(caches[mod], TileDataset(paths, stats), enc)
+    x_img, *states = ds[4][:ds.n_inp]
+    sp, he, *_ = ds.tiles[4]
+    assert torch.equal(x_img, enc.encoder_input(sp=sp[None], he=he[None])[0])
+    assert x_img.shape[-1] == 120 * enc.input_scale and [tuple(s.shape) for s in states] == [(64, 15, 15)] * 5
+    with torch.no_grad(): ref = enc.states(sp=sp[None], he=he[None])[0]
+    assert torch.allclose(states[-1], ref[0], atol=2e-2) and torch.allclose(states[0], ref[1], atol=2e-2)
+    model = DecoderOnStates(decoder_for(enc, 'tiny', width=0.125), enc.input_scale).eval()
+    with torch.no_grad(): out = model(*[a[None] for a in ds[4][:ds.n_inp]])
+    assert all(v.shape[-2:] == (120, 120) for v in out.values())
+    sub = ds.take([0, 4])
+    assert len(sub) == 2 and all(torch.equal(a, b) for a, b in zip(sub[1], ds[4]))
 
 
-@pytest.mark.parametrize('kw', [dict(task='instance'), dict(encoder='cellvit'), dict(finetune_encoder=True, augment=True),
-                                dict(variant='masked', gamma=0.45, augment=True)])
-def test_run_variants(cohort, tmp_path, kw):
-    cfg = preset_config('tiny', name='v', root=str(cohort), epochs=1, **kw)
-    res = run_experiment(cfg, tmp_path/'runs', cache_dir=tmp_path/'caches')
-    assert (tmp_path/'runs'/cfg.run_name/'metrics.json').is_file()
-    if kw.get('task') == 'instance': assert {'binary_dice', 'hv_mse'} <= set(res) and res['hv_mse'] >= 0
-    else: assert 0 <= res['mean_dice'] <= 1
+def test_cached_tiles_refuse_another_encoders_cache(cache_setup):
+    paths, stats, encs, caches = cache_setup
+    with pytest.raises(CacheMismatch): CachedTiles(caches['sp'], TileDataset(paths, stats), encs['he'])
+    with pytest.raises(ValueError, match='tile'):
+        CachedTiles(caches['sp'], TileDataset(paths, stats, tile=60), encs['sp'])
+
+
+def test_encoder_decoder_matches_the_cached_path(cache_setup):
+    "Frozen `EncoderDecoder` on raw tiles = `DecoderOnStates` on the cache, for both encoders (fp16 cache tolerance)."
+    paths, stats, encs, caches = cache_setup
+    for mod, enc in encs.items():
+        dec = decoder_for(enc, 'tiny', width=0.125).eval()
+        raw = TileDataset(paths[:1], stats)
+        cached = CachedTiles(caches[mod], raw, enc)
+        sp, he = [torch.stack(t) for t in zip(*[raw[i][:2] for i in range(3)])]
+        xs = [torch.stack(t) for t in zip(*[cached[i][:cached.n_inp] for i in range(3)])]
+        with torch.no_grad():
+            a = EncoderDecoder(enc, dec).eval()(sp, he)
+            b = DecoderOnStates(dec, enc.input_scale)(*xs)
+        assert set(a) == set(b) and all(torch.allclose(a[k], b[k], atol=5e-2) for k in a)
+
+
+def test_cached_dls_weighted_and_shuffled(cache_setup):
+    paths, stats, encs, caches = cache_setup
+    ds = CachedTiles(caches['sp'], TileDataset(paths, stats), encs['sp'], preload=True)
+    for gamma in (None, 0.85):
+        dls = cached_dls(ds, ds.take(range(4)), bs=3, gamma=gamma, seed=2)
+        b = dls.one_batch()
+        assert len(b) == 9 and dls.train.n_inp == 6 and b[0].shape == (3, 16, 120, 120)

@@ -1,0 +1,117 @@
+"Run configs, results folders and grids of `spseg.experiments` on a tiny synthetic cohort."
+import json, math, warnings
+import numpy as np, pytest, torch
+warnings.filterwarnings('ignore', message='`torch.jit.script` is deprecated')
+from spseg.data import IGNORE_INDEX, N_CLASSES
+from spseg.synthetic import make_cohort
+from spseg.metrics import per_class_dice
+from spseg.train import DecoderOnStates, EncoderDecoder
+import spseg.experiments as E
+from spseg.experiments import (RunConfig, preset_config, make_encoder, make_decoder, make_model, run_experiment,
+                               finished_run, study_grid, results_table, majority_baseline, STUDIES, STUDY_RESULTS)
+
+torch.set_num_threads(2)
+
+
+def test_config_json_roundtrip():
+    c = preset_config('tiny', name='x', root='/data/c', gamma=0.45, fold=2, split='quarter', variant='masked')
+    back = RunConfig.from_json(c.to_json())
+    assert back == c and back.hash == c.hash and len(c.hash) == 12 and c.run_name == f'x-{c.hash}'
+    assert RunConfig(seed=1).hash != RunConfig(seed=2).hash
+    with pytest.raises(ValueError, match='bogus'): RunConfig.from_json(json.dumps({'bogus': 1}))
+
+
+def test_study_grids():
+    assert len(study_grid('loss', '/c')) == 8 and len(study_grid('augmentation', '/c')) == 6
+    assert {c.variant for c in study_grid('decoder', '/c', 'paper')} == {'baseline', 'boundary', 'global', 'masked'}
+    p = study_grid('skip', '/c', 'paper')
+    assert {(c.epochs, c.bs, c.lr, c.patience) for c in p} == {(30, 128, 5e-4, 30)}
+    inst = study_grid('instance', '/c')
+    assert [(c.encoder, c.task, c.split, c.fold) for c in inst] == [('cellvit', 'instance', 'sequential', None),
+                                                                    ('virtues', 'instance', 'sequential', None)]
+    assert set(STUDY_RESULTS) == set(STUDIES)
+    assert STUDY_RESULTS['instance'][('cellvit',)] == (0.0566, 0.7170, 0.4178)
+    assert STUDY_RESULTS['instance'][('virtues',)] == (0.0743, 0.7156, 0.4827)
+
+
+def test_majority_baseline():
+    target = torch.tensor([[0, 0, 1, 1, 1, 4, IGNORE_INDEX, IGNORE_INDEX]])
+    b = majority_baseline([80, 20] + [0] * 8, target)
+    assert int(b.sum()) == 6 and int(b[:, 0].sum()) == 6        # background everywhere, padding left out
+    assert per_class_dice(b)[0] == pytest.approx(2 * 2 / (2 * 2 + 4))
+
+
+def test_model_follows_the_encoder():
+    "The decoder's width, channels and patch, and the score scale, come from the encoder; fine-tuning wraps both."
+    for name, want in dict(virtues=(16, 8, 1), cellvit=(3, 16, 2)).items():
+        cfg = preset_config('tiny', encoder=name)
+        enc = make_encoder(cfg)
+        dec = make_decoder(cfg, enc)
+        assert (dec.embed_dim, dec.in_chans, dec.patch_size) == (enc.embed_dim, *want[:2])
+        model = make_model(cfg, enc)
+        assert isinstance(model, DecoderOnStates) and model.score_scale == want[2]
+        assert isinstance(make_model(preset_config('tiny', encoder=name, finetune_encoder=True), enc), EncoderDecoder)
+    assert set(make_decoder(preset_config('tiny', variant='boundary'), enc).heads) == {'types', 'boundary'}
+    with pytest.raises(ValueError, match='uni'): make_encoder(preset_config('tiny', encoder='uni'))
+
+
+def test_results_table_instance():
+    cfgs = study_grid('instance', '/c')
+    res = [dict(hv_mse=0.07, binary_dice=0.8, best_valid_loss=5.0),
+           dict(hv_mse=0.06, binary_dice=0.7, best_valid_loss=6.0)]
+    t = results_table('instance', list(zip(cfgs, res))).set_index('encoder')
+    assert list(t.index) == ['cellvit', 'virtues']
+    assert t.loc['virtues', 'Avg HV MSE'] == 0.06 and t.loc['cellvit', 'study Dice'] == 0.7170
+    assert t.loc['virtues', 'study best loss'] == 0.4827
+
+
+@pytest.fixture(scope='module')
+def cohort(tmp_path_factory):
+    root = tmp_path_factory.mktemp('cohort')
+    make_cohort(root, n_tissues=2, size=240, seed=3, progress=False)
+    return root
+
+
+def test_end_to_end_and_resume(cohort, tmp_path, monkeypatch):
+    cfg = preset_config('tiny', name='e2e', root=str(cohort), epochs=2, patience=2)
+    res = run_experiment(cfg, tmp_path/'runs', cache_dir=tmp_path/'caches')
+    d = tmp_path/'runs'/cfg.run_name
+    assert sorted(p.name for p in d.iterdir()) == ['best.pth', 'config.json', 'history.csv', 'metrics.json']
+    assert RunConfig.from_json((d/'config.json').read_text()) == cfg
+    m = json.loads((d/'metrics.json').read_text())
+    assert m == res and m['config_hash'] == cfg.hash and 0 <= m['mean_dice'] <= 1
+    assert len(m['per_class']['dice']) == N_CLASSES and sum(m['per_class']['gt_pct']) == pytest.approx(100)
+    assert m['epochs_run'] == 2 and m['n_train_tiles'] == 4 and m['n_valid_tiles'] == 4
+    assert math.isfinite(m['best_valid_loss']) and m['best_valid_loss'] > 0
+    assert not list((tmp_path/'runs').glob('.*.partial'))
+    # resume: a finished run is read back, not trained again
+    monkeypatch.setattr(E, '_fit', lambda *a, **k: pytest.fail('a finished run was recomputed'))
+    assert run_experiment(cfg, tmp_path/'runs', cache_dir=tmp_path/'caches') == res
+    assert finished_run(cfg, tmp_path/'runs') == res
+    assert finished_run(RunConfig(**{**cfg.__dict__, 'seed': 9}), tmp_path/'runs') is None
+    tab = results_table('skip', [(cfg, res)])
+    assert tab.loc[0, 'study'] == '0.4787 ± 0.0492'
+
+
+def test_interrupted_run_is_redone(cohort, tmp_path):
+    cfg = preset_config('tiny', name='int', root=str(cohort), epochs=1)
+    partial = tmp_path/'runs'/f'.{cfg.run_name}.partial'
+    partial.mkdir(parents=True)
+    (partial/'junk').write_text('x')
+    run_experiment(cfg, tmp_path/'runs', cache_dir=tmp_path/'caches')
+    assert not partial.exists() and (tmp_path/'runs'/cfg.run_name/'metrics.json').is_file()
+
+
+@pytest.mark.parametrize('kw', [dict(task='instance'), dict(encoder='cellvit'),
+                                dict(finetune_encoder=True, augment=True),
+                                dict(variant='masked', gamma=0.45, augment=True)])
+def test_run_variants(cohort, tmp_path, kw):
+    cfg = preset_config('tiny', name='v', root=str(cohort), epochs=1, **kw)
+    res = run_experiment(cfg, tmp_path/'runs', cache_dir=tmp_path/'caches')
+    assert (tmp_path/'runs'/cfg.run_name/'metrics.json').is_file()
+    if kw.get('task') == 'instance':
+        assert {'binary_dice', 'hv_mse'} <= set(res) and res['hv_mse'] >= 0
+        assert res['monitor']['name'] == 'valid_loss'
+        assert res['monitor']['best'] == pytest.approx(res['best_valid_loss'])
+    else:
+        assert 0 <= res['mean_dice'] <= 1 and res['monitor']['name'] == 'mean_dice'
