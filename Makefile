@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 DEMO_OUT ?= demo_out
 export PATH := $(abspath $(BIN)):$(PATH)
 
-.PHONY: test demo venv export report bench
+.PHONY: test demo venv export site bench
 
 $(STAMP): settings.ini setup.py
 	test -x $(BIN)/python || python3 -m venv $(VENV)
@@ -28,8 +28,10 @@ demo: $(STAMP)
 export: $(STAMP)
 	$(BIN)/nbdev_export && $(BIN)/nbdev_clean && $(BIN)/spseg readme
 
-report: $(STAMP)
-	$(BIN)/spseg report --out _report
+# the report site in _site/: nbdev_docs (Quarto) where quarto is on the PATH, else mkdocs-material from nbdev's
+# processed notebooks (stored outputs, nothing executed); works offline
+site: $(STAMP)
+	$(BIN)/spseg site --out _site
 
 bench: $(STAMP)
 	for f in bench/*.py; do echo "== $$f"; $(BIN)/python $$f || exit 1; done
