@@ -1,6 +1,7 @@
 "Embedding cache: build and read, resume after an interruption, invalidation, both encoders, the manifest."
 import json, warnings
 import numpy as np, pytest, torch
+from conftest import two_tissue_cohort
 from spseg.data import write_tissue, sp_stats, list_tissues
 from spseg.encoders import VirTuesEncoder, CellViTEncoder
 from spseg.cache import (build_cache, cache_manifest, EmbeddingCache, CacheMismatch, cache_bytes_per_tissue,
@@ -8,14 +9,7 @@ from spseg.cache import (build_cache, cache_manifest, EmbeddingCache, CacheMisma
 
 @pytest.fixture
 def cohort(tmp_path):
-    rng = np.random.default_rng(0)
-    for i in range(2):
-        m = np.zeros((240, 200), np.uint8)
-        m[10:30, 10:40] = 2
-        m[150:170, 100:130] = 4
-        write_tissue(tmp_path/'cohort'/f't{i}', rng.integers(0, 255, (240, 200, 3), dtype=np.uint8),
-                     rng.integers(0, 3000, (16, 240, 200), dtype=np.uint16), m)
-    paths = list_tissues(tmp_path/'cohort')
+    paths = two_tissue_cohort(tmp_path/'cohort', 240, 200)
     return paths, sp_stats(tmp_path/'cohort', ['t0'])
 
 def _enc(seed=0, **kw):

@@ -1,5 +1,6 @@
 "Pretraining: MAE steps learn, masks hide what they hide, learners pick the model's loss, resuming, the probe."
 import numpy as np, pytest, torch
+from conftest import two_tissue_cohort
 from spseg.data import sp_stats, list_tissues, write_tissue, TileDataset, IGNORE_INDEX
 from spseg.encoders import VirTuesEncoder, CellViTEncoder
 from spseg.pretrain import (VirTuesMAE, ViTMAE, mse_all_pixels, mse_masked_patches, tile_bank, BankTiles, mae_learner,
@@ -50,14 +51,7 @@ def test_each_mae_names_its_loss():
 
 @pytest.fixture
 def cohort(tmp_path):
-    rng = np.random.default_rng(0)
-    for i in range(2):
-        m = np.zeros((240, 120), np.uint8)
-        m[10:30, 10:40] = 2
-        m[150:170, 60:90] = 4
-        write_tissue(tmp_path/'cohort'/f't{i}', rng.integers(0, 255, (240, 120, 3), dtype=np.uint8),
-                     rng.integers(0, 3000, (16, 240, 120), dtype=np.uint16), m)
-    paths = list_tissues(tmp_path/'cohort')
+    paths = two_tissue_cohort(tmp_path/'cohort', 240, 120)
     return TileDataset(paths, sp_stats(tmp_path/'cohort', ['t0']), margin=0)
 
 def test_tile_bank_and_bank_tiles(cohort):
