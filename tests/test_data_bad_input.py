@@ -124,3 +124,48 @@ def test_split_and_tile_arguments():
     with pytest.raises(ValueError, match='cv3 needs fold'): split_tissues(['a', 'b', 'c'], 'cv3')
     with pytest.raises(ValueError, match='tile size must be positive'): tile_grid(10, 10, 0)
     with pytest.raises(ValueError, match="edge must be"): tile_grid(10, 10, 5, edge='wrap')
+
+# Real-slide-like files (compressed, tiled) and tissues without labels or without one modality.
+def _tiled(path, arr, **kw): tifffile.imwrite(path, arr, tile=(16, 16), compression='zlib', **kw)
+
+def test_compressed_wrong_channel_count(tissue_dir, arrays):
+    _tiled(tissue_dir/'sp.tif', arrays['sp'][:15], metadata={'axes': 'CYX'})
+    _expect(tissue_dir/'sp.tif', 'wrong channel count', '15 channels')
+
+def test_compressed_truncated(tissue_dir, arrays):
+    p = tissue_dir/'sp.tif'
+    _tiled(p, arrays['sp'], metadata={'axes': 'CYX'})
+    data = p.read_bytes()
+    p.write_bytes(data[:len(data) // 2])
+    msg = _expect(p)
+    assert 'truncated' in msg or 'unreadable' in msg, msg
+
+def test_corrupt_tile_named_when_read(tissue_dir, arrays):
+    p = tissue_dir/'sp.tif'
+    _tiled(p, arrays['sp'], metadata={'axes': 'CYX'})
+    with tifffile.TiffFile(p) as tif: off, n = tif.pages[3].dataoffsets[0], tif.pages[3].databytecounts[0]
+    data = bytearray(p.read_bytes())
+    data[off:off + n] = b'\xff' * n                  # channel 3's only tile is garbage: found when it is read
+    p.write_bytes(bytes(data))
+    t = load_tissue(tissue_dir)
+    with pytest.raises(DataError) as e: t.sp_region(0, 0, 4, 4)
+    assert str(p) in str(e.value) and 'unreadable TIFF data' in str(e.value)
+
+def test_sizes_of_present_files_differ_without_mask(tissue_dir):
+    (tissue_dir/'mask.tif').unlink()
+    (tissue_dir/'inst.tif').unlink()
+    tifffile.imwrite(tissue_dir/'he.tif', np.zeros((16, 19, 3), np.uint8), photometric='rgb')
+    msg = _expect(tissue_dir/'he.tif', 'does not match the SP image', str(tissue_dir/'sp.tif'), require=())
+    assert '16×19' in msg and '16×20' in msg, msg
+
+def test_no_image_in_folder(tissue_dir):
+    for f in ('he.tif', 'sp.tif'): (tissue_dir/f).unlink()
+    _expect(tissue_dir, 'no image', require=())
+
+def test_required_file_missing_for_prediction(tissue_dir):
+    (tissue_dir/'sp.tif').unlink()
+    _expect(tissue_dir/'sp.tif', 'missing file', require=('sp',))
+    assert load_tissue(tissue_dir, require=('he',)).modalities == ('he',)
+
+def test_require_names_layout_files(tissue_dir):
+    with pytest.raises(ValueError, match='require takes names'): load_tissue(tissue_dir, require=('labels',))

@@ -117,3 +117,23 @@ def test_dataloaders_batches(cohort):
     sp, he, mask, inst, hv = dls.train.one_batch()
     assert sp.shape == (4, 16, 24, 24) and he.shape == (4, 3, 24, 24) and hv.shape == (4, 2, 24, 24)
     assert len(dls.valid_ds) == 4 and dls.train.n_inp == 2
+
+def test_compressed_tiled_copy_gives_the_same_tiles(cohort, tmp_path_factory):
+    "The same tissues stored as real slides are (zlib, tiled) serve exactly the same tiles, through lazy reads."
+    import tifffile
+    from spseg.data import TiffArray, read_tiff
+    stats = sp_stats(cohort, ['t0', 't1'])
+    copy = tmp_path_factory.mktemp('compressed')
+    for p in list_tissues(cohort):
+        (copy/p.name).mkdir()
+        for f in ('he.tif', 'sp.tif', 'mask.tif', 'inst.tif'):
+            a, names = read_tiff(p/f)
+            kw = dict(photometric='rgb') if f == 'he.tif' else {}
+            if names: kw['metadata'] = {'axes': 'CYX', 'Channel': {'Name': names}}
+            tifffile.imwrite(copy/p.name/f, np.asarray(a), tile=(16, 16), compression='zlib', **kw)
+    a = TileDataset(list_tissues(cohort), stats, tile=24, margin=16)
+    b = TileDataset(list_tissues(copy), stats, tile=24, margin=16)
+    assert isinstance(b.tissues[0].sp_raw, TiffArray) and isinstance(b.tissues[0].he, TiffArray)
+    assert a.tiles == b.tiles
+    for i in range(len(a)):
+        for x, y in zip(a.read(i), b.read(i)): np.testing.assert_array_equal(x, y)
