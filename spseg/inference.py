@@ -4,14 +4,19 @@
 
 # %% ../nbs/08_inference.ipynb #1a2c69a4
 from __future__ import annotations
+import time
+from contextlib import contextmanager
 from pathlib import Path
 import numpy as np, torch
-from .data import TileDataset
-from .train import CachedTiles
+from .data import N_MARKERS, SPStats, TileDataset, normalise_he, normalise_sp, sp_percentile
+from .train import CachedTiles, DecoderOnStates, EncoderDecoder
 from .experiments import RunConfig, make_encoder, make_model
+from .instance import postprocess
 
 # %% auto #0
-__all__ = ['run_config', 'load_run_model', 'activate', 'tile_layout', 'predict_batches', 'paste', 'predict_tissues']
+__all__ = ['run_config', 'load_run_model', 'activate', 'tile_layout', 'predict_batches', 'paste', 'predict_tissues',
+           'window_starts', 'kept_spans', 'window_plan', 'tissue_norm', 'read_windows', 'tile_model',
+           'model_modalities', 'predict_tissue', 'typed_nuclei']
 
 # %% ../nbs/08_inference.ipynb #94f56b91
 def run_config(run_dir):
@@ -83,3 +88,145 @@ def predict_tissues(model, ds, bs=8, heads=None, raw=('hv',), device=None):
     for idx, out in predict_batches(model, ds, bs, device, raw):
         _paste_batch(maps, tissues, layout, idx, out, heads)
     return maps
+
+# %% ../nbs/08_inference.ipynb #54bcf54f
+def window_starts(size, tile=120, margin=16):
+    "Starts of the `tile`-px windows at stride `tile - 2*margin` that cover `size` px from 0 (the last may pass it)."
+    stride = tile - 2 * margin
+    if margin < 0 or stride < 1: raise ValueError(f'need 0 <= 2*margin < tile; got tile={tile}, margin={margin}')
+    return np.arange(1 + max(0, -(-(size - tile) // stride))) * stride
+
+# %% ../nbs/08_inference.ipynb #a2599f96
+def kept_spans(starts, size, tile=120, margin=16):
+    "`(n, 2)` half-open span each window gives: its centre; the first from 0, the last up to `size`."
+    a, b = starts + margin, np.minimum(starts + tile - margin, size)
+    a[0], b[-1] = 0, size
+    return np.stack([a, b], 1)
+
+# %% ../nbs/08_inference.ipynb #ab1a820f
+def window_plan(height, width, tile=120, margin=16):
+    "`(n, 6)` rows `(y, x, y0, y1, x0, x1)`, row-major: each window's corner and the tissue box it gives."
+    ys, xs = window_starts(height, tile, margin), window_starts(width, tile, margin)
+    sy, sx = kept_spans(ys, height, tile, margin), kept_spans(xs, width, tile, margin)
+    return np.array([(y, x, *a, *b) for y, a in zip(ys, sy) for x, b in zip(xs, sx)], np.int64).reshape(-1, 6)
+
+# %% ../nbs/08_inference.ipynb #01ea6ea1
+def tissue_norm(tissue, stats: SPStats, p99=None):
+    "`(p99, mean, std)` normalising the SP of `tissue`: its own 99th percentiles (or `p99`), the run's mean and std."
+    if stats is None: raise ValueError(f'{tissue.id}: SP needs the SPStats (foreground mean/std) of the run')
+    p99 = sp_percentile(tissue) if p99 is None else p99
+    return np.asarray(p99, np.float32), np.asarray(stats.mean, np.float32), np.asarray(stats.std, np.float32)
+
+# %% ../nbs/08_inference.ipynb #b9382c94
+def _sp_block(t, norm, y0, x0, y1, x1):
+    "Normalised SP `(16, y1-y0, x1-x0)` of `t` from `(y0, x0)` (blurred with a 1-px halo); zeros past the tissue."
+    (H, W), out = t.shape, np.zeros((N_MARKERS, y1 - y0, x1 - x0), np.float32)
+    vy, vx = min(y1, H), min(x1, W)
+    if t.sp_raw is None or norm is None or vy <= y0 or vx <= x0: return out
+    cy, cx = max(y0 - 1, 0), max(x0 - 1, 0)
+    sp = normalise_sp(t.sp_region(cy, cx, min(y1 + 1, H), min(x1 + 1, W)), *norm)
+    out[:, :vy - y0, :vx - x0] = sp[:, y0 - cy:vy - cy, x0 - cx:vx - cx]
+    return out
+
+# %% ../nbs/08_inference.ipynb #cf410edd
+def _he_block(t, y0, x0, y1, x1):
+    "Normalised H&E `(3, y1-y0, x1-x0)` of `t` from `(y0, x0)`; zeros past the tissue or without H&E."
+    (H, W), out = t.shape, np.zeros((3, y1 - y0, x1 - x0), np.float32)
+    vy, vx = min(y1, H), min(x1, W)
+    if t.he is not None and vy > y0 and vx > x0:
+        out[:, :vy - y0, :vx - x0] = normalise_he(t.he_region(y0, x0, vy, vx))
+    return out
+
+# %% ../nbs/08_inference.ipynb #ae863ce5
+def read_windows(tissue, corners, tile=120, norm=None, modalities=('sp', 'he')):
+    "`(sp, he)` float32 tensors `(B, C, tile, tile)` of the windows at `corners`: one read per row of windows."
+    sp, he = torch.zeros(len(corners), N_MARKERS, tile, tile), torch.zeros(len(corners), 3, tile, tile)
+    for y in sorted({int(c[0]) for c in corners}):
+        ks = [k for k, c in enumerate(corners) if c[0] == y]
+        x0, x1 = min(corners[k][1] for k in ks), max(corners[k][1] for k in ks) + tile
+        blocks = [(sp, _sp_block(tissue, norm, y, x0, y + tile, x1))] if 'sp' in modalities else []
+        if 'he' in modalities: blocks.append((he, _he_block(tissue, y, x0, y + tile, x1)))
+        for dst, block in blocks:
+            for k in ks: dst[k] = torch.from_numpy(block[:, :, corners[k][1] - x0:corners[k][1] - x0 + tile])
+    return sp, he
+
+# %% ../nbs/08_inference.ipynb #4ea48b98
+def tile_model(model, encoder=None):
+    "A model on raw tiles `(sp, he)`: `model` itself, or a run's `DecoderOnStates` joined to its `encoder`."
+    if not isinstance(model, DecoderOnStates): return model
+    if encoder is None: raise ValueError('a DecoderOnStates works on encoder states: pass the run\'s encoder')
+    return EncoderDecoder(encoder, model.decoder).eval()
+
+# %% ../nbs/08_inference.ipynb #25791887
+def model_modalities(model):
+    "The modalities `model` reads: its encoder's, or both for a model without an `encoder`."
+    enc = getattr(model, 'encoder', None)
+    return (enc.modality,) if enc is not None else ('sp', 'he')
+
+# %% ../nbs/08_inference.ipynb #e82db1fe
+@contextmanager
+def _clock(timer, stage):
+    "Add the seconds the block takes to `timer[stage]` (nothing if `timer` is None)."
+    t0 = time.perf_counter()
+    yield
+    if timer is not None: timer[stage] = timer.get(stage, 0.0) + time.perf_counter() - t0
+
+# %% ../nbs/08_inference.ipynb #6cdc9fb9
+def _reduce(out, argmax=()):
+    "`out` with each head of `argmax` replaced by its class (uint8) and, as `<head>_prob`, its probability (float16)."
+    res = {}
+    for k, v in out.items():
+        if k not in argmax: res[k] = v
+        else:
+            p, a = v.max(1, keepdim=True)
+            res[k], res[f'{k}_prob'] = a.to(torch.uint8), p.half()
+    return res
+
+# %% ../nbs/08_inference.ipynb #3a734583
+def _stitch(maps, out, plan, shape):
+    "Write each window's kept box of `out` (`{head: (B, C, s, s)}` numpy) into `maps` (allocated on first use)."
+    for head, v in out.items():
+        canvas = maps.setdefault(head, np.zeros((v.shape[1], *shape), v.dtype))
+        for k, (y, x, y0, y1, x0, x1) in enumerate(plan):
+            canvas[:, y0:y1, x0:x1] = v[k, :, y0 - y:y1 - y, x0 - x:x1 - x]
+
+# %% ../nbs/08_inference.ipynb #3687542a
+@torch.no_grad()
+def predict_tissue(model, tissue, stats=None, tile=120, margin=16, bs=16, device=None, heads=None, argmax=(),
+                   raw=('hv',), p99=None, timer=None):
+    "`{head: map}` of `tissue` from overlapping windows, each giving its centre; `argmax` heads as class + probability."
+    model.eval()
+    device, mods = device or next(model.parameters(), torch.zeros(0)).device, model_modalities(model)
+    norm = tissue_norm(tissue, stats, p99) if 'sp' in mods and tissue.sp_raw is not None else None
+    missing = [m for m in mods if m not in tissue.modalities]
+    if missing and len(mods) == 1: raise ValueError(f'{tissue.path}: the model reads {missing[0]}, the tissue has none')
+    plan, maps = window_plan(*tissue.shape, tile, margin), {}
+    for b in range(0, len(plan), bs):
+        with _clock(timer, 'read'): sp, he = read_windows(tissue, plan[b:b + bs, :2], tile, norm, mods)
+        with _clock(timer, 'model'):
+            out = {k: v for k, v in model(sp.to(device), he.to(device)).items() if heads is None or k in heads}
+            out = {k: v.cpu().numpy() for k, v in _reduce(activate(out, raw), argmax).items()}
+        with _clock(timer, 'stitch'): _stitch(maps, out, plan[b:b + bs], tissue.shape)
+    flat = {a for k in argmax for a in (k, f'{k}_prob')}
+    return {k: v[0] if k in flat else v for k, v in maps.items()}
+
+# %% ../nbs/08_inference.ipynb #87be05d4
+def _agreeing_prob(inst, types, prob, table):
+    "Per row of `table`: mean over its nucleus of `prob` where `types` is the nucleus's class, 0 elsewhere."
+    fg, n = inst > 0, int(inst.max(initial=0)) + 1
+    winner = np.zeros(n, np.int64)
+    winner[table['id'].to_numpy()] = table['type'].to_numpy()
+    ids = inst[fg]
+    p = np.where(types[fg] == winner[ids], prob[fg].astype(np.float64), 0.0)
+    mean = np.bincount(ids, p, n) / np.maximum(np.bincount(ids, minlength=n), 1)
+    return mean[table['id'].to_numpy()].astype(np.float32)
+
+# %% ../nbs/08_inference.ipynb #e7dc4824
+def typed_nuclei(maps, magnification=40, **kwargs):
+    "`(instances, table with type and type_prob, type map)` from stitched `types`, `binary` and `hv` maps."
+    binary, compact = maps['binary'][-1], 'types_prob' in maps         # foreground probability; argmax form?
+    types = maps['types'] if compact else maps['types'].argmax(0).astype(np.uint8)
+    inst, table = postprocess(binary, maps['hv'], types=types if compact else None,
+                              probs=None if compact else maps['types'], magnification=magnification, **kwargs)
+    if compact: table['type_prob'] = _agreeing_prob(inst, types, maps['types_prob'], table)
+    return inst, table, types

@@ -2,12 +2,15 @@
 import warnings
 import numpy as np, pytest, torch, torch.nn as nn
 warnings.filterwarnings('ignore', message='`torch.jit.script` is deprecated')
-from spseg.data import TileDataset, list_tissues, sp_stats
+from spseg.data import (TileDataset, SPStats, list_tissues, load_tissue, sp_stats, tile_grid, hv_map, write_tissue)
+from spseg.decoder import decoder_for
+from spseg.train import EncoderDecoder
 from spseg.synthetic import make_cohort
 from spseg.metrics import confusion
 from spseg.experiments import preset_config, run_experiment, run_data, make_encoder
 from spseg.inference import (run_config, load_run_model, activate, tile_layout, predict_batches, paste,
-                             predict_tissues)
+                             predict_tissues, window_starts, window_plan, tissue_norm, read_windows, tile_model,
+                             predict_tissue, typed_nuclei)
 
 torch.set_num_threads(2)
 
@@ -106,3 +109,123 @@ def test_load_run_model_and_predict_the_held_out_tissue(cohort, tmp_path):
     (tmp_path/'unfinished').mkdir()
     (tmp_path/'unfinished'/'config.json').write_text(cfg.to_json())
     with pytest.raises(FileNotFoundError, match='best.pth'): load_run_model(tmp_path/'unfinished')
+
+
+# ---- whole tissues without seams (predict_tissue) ----
+
+class Convs(nn.Module):
+    "Four 3×3 convolutions on (SP, H&E): a translation-equivariant model seeing 4 px each way; three heads."
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.body = nn.Sequential(nn.Conv2d(19, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(),
+                                  nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 14, 3, padding=1))
+    def forward(self, sp, he):
+        y = self.body(torch.cat([sp, he], 1))
+        return dict(types=y[:, :10], binary=y[:, 10:12], hv=y[:, 12:])
+
+
+@pytest.fixture(scope='module')
+def stats(cohort): return sp_stats(cohort, [p.name for p in list_tissues(cohort)])
+
+
+@pytest.fixture(scope='module')
+def tissue(cohort): return load_tissue(list_tissues(cohort)[0])
+
+
+@pytest.mark.parametrize('h,w,tile,margin', [(250, 170, 120, 16), (100, 333, 120, 8), (120, 121, 64, 0),
+                                             (1000, 7, 40, 19)])
+def test_window_plan_covers_the_tissue_once_with_margin_context(h, w, tile, margin):
+    plan = window_plan(h, w, tile, margin)
+    cover = np.zeros((h, w), int)
+    for y, x, y0, y1, x0, x1 in plan:
+        cover[y0:y1, x0:x1] += 1
+        assert y <= y0 < y1 <= y + tile and x <= x0 < x1 <= x + tile
+        assert (y0 == 0 or y0 - y >= margin) and (y1 == h or y + tile - y1 >= margin)
+        assert (x0 == 0 or x0 - x >= margin) and (x1 == w or x + tile - x1 >= margin)
+    assert (cover == 1).all()
+    if margin == 0: assert np.array_equal(plan[:, :2], tile_grid(h, w, tile))
+    with pytest.raises(ValueError, match='margin'): window_starts(h, tile, tile // 2)
+
+
+def test_windows_read_as_training_tiles(tissue, stats):
+    "On the tile grid, a window's SP (own p99, run mean/std, 1-px-halo blur) and H&E are TileDataset's."
+    ds = TileDataset([tissue], stats)
+    corners = [(0, 0), (120, 120), (240, 0), (0, 120)]
+    sp, he = read_windows(tissue, corners, 120, tissue_norm(tissue, stats))
+    for k, c in enumerate(corners):
+        sp_t, he_t, *_ = ds[ds.tiles.index((0, *c))]
+        assert torch.allclose(sp[k], sp_t, atol=1e-5) and torch.equal(he[k], he_t)
+
+
+def test_no_seams_inside_and_plain_tiling_has_them(tissue, stats):
+    conv, m = Convs(), 8
+    whole = predict_tissue(conv, tissue, stats, tile=250, margin=0)          # one window: all the context
+    over = predict_tissue(conv, tissue, stats, 120, m, bs=4)
+    plain = predict_tissue(conv, tissue, stats, 120, 0, bs=4)
+    inner = (slice(None), slice(m, -m), slice(m, -m))
+    for k in ('types', 'binary', 'hv'):
+        assert over[k].shape == (whole[k].shape[0], 250, 170) and over[k].dtype == np.float32
+        assert np.allclose(over[k][inner], whole[k][inner], atol=1e-5)
+    seam = np.abs(plain['hv'] - whole['hv']).max(0)
+    assert seam[118:122, m:-m].max() > 1e-3 and seam[m:-m, 118:122].max() > 1e-3
+    assert seam[m:110, m:110].max() < 1e-5
+
+
+def test_real_model_pixels_come_from_the_window_whose_centre_holds_them(tissue, stats):
+    cfg = preset_config('tiny')
+    enc = make_encoder(cfg)
+    torch.manual_seed(1)
+    model = EncoderDecoder(enc, decoder_for(enc, 'tiny', heads=dict(types=10, binary=2, hv=2), width=cfg.width)).eval()
+    maps = predict_tissue(model, tissue, stats, bs=5)
+    norm = tissue_norm(tissue, stats)
+    for y, x, y0, y1, x0, x1 in window_plan(250, 170)[[0, 3, 5]]:
+        sp, he = read_windows(tissue, [(y, x)], 120, norm, ('sp',))
+        with torch.no_grad(): out = activate(model(sp, he))
+        for k, v in out.items():
+            assert np.allclose(maps[k][:, y0:y1, x0:x1], v[0, :, y0 - y:y1 - y, x0 - x:x1 - x].numpy(), atol=1e-5)
+    small = predict_tissue(model, tissue, stats, bs=3, heads=('types', 'hv'), argmax=('types',))
+    assert set(small) == {'types', 'types_prob', 'hv'}
+    assert small['types'].dtype == np.uint8 and small['types_prob'].dtype == np.float16
+    assert np.array_equal(small['types'], maps['types'].argmax(0))
+    assert np.allclose(small['types_prob'], maps['types'].max(0), atol=2e-3)
+
+
+def test_tile_model_joins_a_cached_state_model_to_its_encoder(cohort, tmp_path):
+    cfg = preset_config('tiny', name='inf', root=str(cohort), split='holdout', epochs=1)
+    enc = make_encoder(cfg)
+    from spseg.experiments import make_model
+    heads = make_model(cfg, enc)
+    m = tile_model(heads, enc)
+    assert isinstance(m, EncoderDecoder) and m.head.decoder is heads.decoder and tile_model(m) is m
+    with pytest.raises(ValueError, match='encoder'): tile_model(heads)
+
+
+class Oracle(nn.Module):
+    "Pixelwise: binary from the red channel, HV from green/blue, class logits from the first 10 SP channels."
+    def forward(self, sp, he):
+        return dict(types=sp[:, :10] * 20, binary=torch.cat([-he[:, :1], he[:, :1]], 1) * 20, hv=he[:, 1:])
+
+
+def test_typed_nuclei_finds_nuclei_cut_by_window_borders_whole(tissue, tmp_path):
+    inst_gt, mask = np.asarray(tissue.inst), np.asarray(tissue.mask)
+    hv = hv_map(inst_gt)
+    he = np.stack([(inst_gt > 0) * 255, (hv[0] + 1) * 127.5, (hv[1] + 1) * 127.5], -1).round().astype(np.uint8)
+    sp = (np.arange(16)[:, None, None] == mask[None]).astype(np.float32)
+    ot = load_tissue(write_tissue(tmp_path/'o', he, sp, None), require=())
+    assert not ot.labelled                                             # prediction needs no labels
+    st = SPStats([], {}, [0.0] * 16, [1.0] * 16)
+    compact = typed_nuclei(predict_tissue(Oracle(), ot, st, bs=4, p99=np.ones(16), argmax=('types',)))
+    full = typed_nuclei({**predict_tissue(Oracle(), ot, st, bs=4, p99=np.ones(16), heads=('types',)),
+                         **predict_tissue(Oracle(), ot, st, bs=4, p99=np.ones(16), heads=('binary', 'hv'))})
+    inst, table, tmap = compact
+    assert np.array_equal(inst, full[0]) and np.array_equal(tmap, full[2]) and tmap.dtype == np.uint8
+    assert (table['type'] == full[1]['type']).all() and (table['type_prob'] <= full[1]['type_prob'] + 2e-3).all()
+    seams = {104, 192}                                                 # kept-box edges of the 250-px side
+    cut = [i for i in np.unique(inst_gt) if i and (inst_gt == i).sum() >= 30
+           and any(np.isin(np.nonzero(inst_gt == i)[a], [e - 1 for e in seams]).any()
+                   and np.isin(np.nonzero(inst_gt == i)[a], list(seams)).any() for a in (0,))]
+    assert cut, 'no nucleus across a window border in the test tissue'
+    for i in cut:
+        best = np.bincount(inst[inst_gt == i]).argmax()
+        assert best > 0 and (inst[inst_gt == i] == best).sum() >= 0.8 * (inst_gt == i).sum()
