@@ -5,7 +5,7 @@ randomly initialised SP model (VirTues encoder, a decoder with types + binary + 
 subprocess and reports the seconds spent in each stage (percentiles, read + normalise, encode, decode, stitch,
 post-process) and the peak RSS (`ru_maxrss`) before and after post-processing, beside the bytes of the output maps.
 
-    .venv/bin/python bench/inference.py [--sizes 1500 3000 6000] [--bs 16] [--margin 16] [--work DIR] [--device cpu]
+    .venv/bin/python bench/inference.py [--sizes 1500 3000 6000] [--bs 16] [--margin 16] [--work DIR] [--device cpu] [--preset tiny|paper]
 """
 import argparse, json, os, resource, subprocess, sys, tempfile, time
 from pathlib import Path
@@ -49,7 +49,7 @@ def timed(fn, timer, stage):
     return run
 
 
-def one(path, stats_path, bs, margin, device, threads):
+def one(path, stats_path, bs, margin, device, threads, preset='tiny'):
     "Predict and post-process one tissue; print one JSON line of timings and memory."
     import torch
     torch.set_num_threads(threads)
@@ -58,10 +58,11 @@ def one(path, stats_path, bs, margin, device, threads):
     from spseg.decoder import decoder_for
     from spseg.train import EncoderDecoder
     from spseg.inference import predict_tissue, typed_nuclei, window_plan
-    cfg = preset_config('tiny')
+    cfg = preset_config(preset)
     enc = make_encoder(cfg)
     torch.manual_seed(0)
-    model = EncoderDecoder(enc, decoder_for(enc, 'tiny', heads=dict(types=10, binary=2, hv=2), width=cfg.width))
+    kw = dict(width=cfg.width) if cfg.width is not None else {}
+    model = EncoderDecoder(enc, decoder_for(enc, cfg.decoder_preset, heads=dict(types=10, binary=2, hv=2), **kw))
     model = model.eval().to(device)
     timer, t_all = {}, time.perf_counter()
     enc.states = timed(enc.states, timer, 'encode')
@@ -85,7 +86,8 @@ def one(path, stats_path, bs, margin, device, threads):
 
 def report(rows, args):
     head = ['size', 'total', 'percentiles', 'read', 'encode', 'decode', 'other', 'stitch', 'postprocess']
-    print(f'\nbs={args.bs} margin={args.margin} threads={args.threads} device={args.device} '
+    card = __import__('torch').cuda.get_device_name() if args.device.startswith('cuda') else 'CPU'
+    print(f'\n{args.preset} preset, {card}: bs={args.bs} margin={args.margin} threads={args.threads} device={args.device} '
           f'(load average before: {os.getloadavg()[0]:.1f}; the CPU may be shared with other work)')
     print(' '.join(f'{h:>11}' for h in head) + '  (seconds)')
     for r in rows:
@@ -112,16 +114,18 @@ def main():
     p.add_argument('--margin', type=int, default=16)
     p.add_argument('--threads', type=int, default=2)
     p.add_argument('--device', default='cpu')
+    p.add_argument('--preset', default='tiny', choices=['tiny', 'paper'])
     p.add_argument('--work', default=str(Path(tempfile.gettempdir())/'spseg-bench-inference'))
     p.add_argument('--one', help=argparse.SUPPRESS)
     p.add_argument('--stats', help=argparse.SUPPRESS)
     args = p.parse_args()
-    if args.one: return one(args.one, args.stats, args.bs, args.margin, args.device, args.threads)
+    if args.one: return one(args.one, args.stats, args.bs, args.margin, args.device, args.threads, args.preset)
     root, stats = make_inputs(args.work, args.sizes)
     rows = []
     for size in args.sizes:
         cmd = [sys.executable, __file__, '--one', str(root/f's{size}'), '--stats', str(stats), '--bs', str(args.bs),
-               '--margin', str(args.margin), '--device', args.device, '--threads', str(args.threads)]
+               '--margin', str(args.margin), '--device', args.device, '--threads', str(args.threads),
+               '--preset', args.preset]
         res = subprocess.run(cmd, capture_output=True, text=True)
         if res.returncode: sys.exit(f'size {size} failed:\n{res.stderr[-3000:]}')
         rows.append(json.loads(res.stdout.strip().splitlines()[-1]))
