@@ -10,10 +10,22 @@ import numpy as np
 from .data import (CLASSES, TABLE1, MARKERS, N_CLASSES, class_cmap, class_legend, class_shares, list_tissues,
                         load_tissue, split_tissues, tile_dls)
 from .synthetic import make_cohort
+import torch
+from dataclasses import replace
+from .core import atomic_write_bytes, atomic_write_json
+from .data import DataError, SPStats, instances_from_mask, sp_stats
+from .metrics import confusion, mean_dice, per_class_dice, scores, tissue_counts
+from .checkpoints import CheckpointError
+from .experiments import PRESETS, RunConfig, make_encoder, preset_config, run_experiment
+from .instance import instance_table, postprocess
+from .inference import load_run_model, predict_tissue, run_config, tile_model, typed_nuclei
+from .export import write_outputs
 
 # %% auto #0
-__all__ = ['shares_table', 'format_shares', 'sp_composite', 'overview_figure', 'demo', 'site_notebook', 'site_pages',
-           'site_config', 'doc_links', 'build_site', 'write_readme', 'main']
+__all__ = ['RUN_FILES', 'UNTYPED', 'shares_table', 'format_shares', 'sp_composite', 'overview_figure', 'demo', 'site_notebook',
+           'site_pages', 'site_config', 'doc_links', 'build_site', 'write_readme', 'train_config', 'finished_train',
+           'train', 'load_run', 'run_maps', 'nuclei_of', 'tissue_scores', 'split_runs', 'check_runs', 'predict_one',
+           'predict', 'make_parser', 'main']
 
 # %% ../nbs/09_cli.ipynb #8820901a
 def shares_table(shares):
@@ -229,11 +241,135 @@ def write_readme(index='nbs/index.ipynb', out='README.md'):
     Path(out).write_text('\n\n'.join(parts) + '\n')
     return out
 
-# %% ../nbs/09_cli.ipynb #68c4ff41
-def main(argv=None):
-    "Entry point of the `spseg` command."
-    p = argparse.ArgumentParser(prog='spseg', description='Nuclei segmentation from paired H&E and spatial-proteomics images.')
-    sub = p.add_subparsers(dest='cmd', required=True)
+# %% ../nbs/09_cli.ipynb #401e2cfd
+RUN_FILES = ('config.json', 'best.pth', 'history.csv', 'sp_stats.json', 'metrics.json')   # written in this order
+
+# %% ../nbs/09_cli.ipynb #4377ce28
+def train_config(cohort, encoder='virtues', task='semantic', preset='tiny', epochs=None, weights=None, split='holdout'):
+    "The `RunConfig` that `spseg train` runs on the cohort folder `cohort`."
+    root = Path(cohort).absolute()
+    if not list_tissues(root): raise DataError(root, 'no labelled tissue folders (with mask.tif) in the cohort')
+    if weights is not None and not Path(weights).is_file(): raise FileNotFoundError(f'{weights}: no such weights file')
+    if epochs is None: epochs = max(1, round(30 * PRESETS[preset]['epoch_scale']))
+    return preset_config(preset, name=f'{task}-{encoder}', root=str(root), task=task, encoder=encoder, epochs=epochs,
+                         encoder_weights=str(Path(weights).absolute()) if weights else None, split=split)
+
+# %% ../nbs/09_cli.ipynb #26483c5c
+def finished_train(cfg, run):
+    "Whether the folder `run` holds the finished run of `cfg`."
+    run = Path(run)
+    if not all((run/f).is_file() for f in RUN_FILES): return False
+    return RunConfig.from_json((run/'config.json').read_text()) == cfg
+
+# %% ../nbs/09_cli.ipynb #8acc3cd7
+def _chunks(path, size=1 << 24):
+    "The bytes of `path`, `size` at a time."
+    with open(path, 'rb') as f:
+        while chunk := f.read(size): yield chunk
+
+# %% ../nbs/09_cli.ipynb #4b83fcc2
+def _weights_copy(run, cfg):
+    "Where the run folder `run` keeps its copy of the encoder weights of `cfg`."
+    return Path(run)/f'encoder{Path(cfg.encoder_weights).suffix}'
+
+# %% ../nbs/09_cli.ipynb #5e9772b3
+def train(cohort, out, encoder='virtues', task='semantic', preset='tiny', epochs=None, weights=None, split='holdout',
+          device=None, progress=False):
+    "Train one run on `cohort` and make `out` its self-contained run folder; return its metrics (reused if done)."
+    cfg, run = train_config(cohort, encoder, task, preset, epochs, weights, split), Path(out)
+    if finished_train(cfg, run): return json.loads((run/'metrics.json').read_text())
+    work = run.parent/f'.{run.name}.work'
+    run_experiment(cfg, work, cache_dir=work/'caches', device=device, progress=progress)
+    done, (train_ids, _) = work/cfg.run_name, split_tissues([p.name for p in list_tissues(cfg.root)], cfg.split)
+    if cfg.encoder_weights: atomic_write_bytes(_weights_copy(run, cfg), _chunks(cfg.encoder_weights))
+    for f in RUN_FILES:
+        if f == 'sp_stats.json': sp_stats(cfg.root, train_ids).save(run/f)
+        else: atomic_write_bytes(run/f, _chunks(done/f))
+    shutil.rmtree(work)
+    return json.loads((run/'metrics.json').read_text())
+
+# %% ../nbs/09_cli.ipynb #51f0f2ca
+def load_run(run, device=None):
+    "`(model on raw tiles, RunConfig, SPStats)` of the run folder `run` that `spseg train` wrote."
+    run = Path(run)
+    if not run.is_dir(): raise FileNotFoundError(f'{run}: no such run folder')
+    cfg = run_config(run)
+    if not (run/'sp_stats.json').is_file(): raise FileNotFoundError(f'{run}: no sp_stats.json; not a finished run')
+    enc = make_encoder(replace(cfg, encoder_weights=str(_weights_copy(run, cfg))) if cfg.encoder_weights else cfg)
+    model = tile_model(load_run_model(run, enc), enc)
+    return model.to(device or 'cpu'), cfg, SPStats.load(run/'sp_stats.json')
+
+# %% ../nbs/09_cli.ipynb #2c56c800
+def run_maps(runs, tissue, bs=16, device=None):
+    "The stitched maps of `tissue` from each of `runs` (`load_run`'s): `types` + `types_prob`, or `binary` + `hv`."
+    maps = {}
+    for model, cfg, stats in runs:
+        heads = ('types',) if cfg.task == 'semantic' else ('binary', 'hv')
+        maps.update(predict_tissue(model, tissue, stats, tile=cfg.tile, bs=bs, device=device, heads=heads,
+                                   argmax=('types',)))
+    return maps
+
+# %% ../nbs/09_cli.ipynb #317b2201
+UNTYPED = CLASSES.index('Other')
+
+def nuclei_of(maps):
+    "`(instances, table or None, type map)` from the maps of `run_maps`."
+    if 'hv' in maps and 'types' in maps: return typed_nuclei(maps)
+    if 'types' in maps: return instances_from_mask(maps['types']), None, maps['types']
+    inst, table = postprocess(maps['binary'][-1], maps['hv'])
+    return inst, None, np.where(inst > 0, UNTYPED, 0).astype(np.uint8)
+
+# %% ../nbs/09_cli.ipynb #e537b83d
+def tissue_scores(tissue, inst, table, types):
+    "Scores of the predicted `types` and nuclei `inst` (with `table`, or None) against the labels of `tissue`."
+    mask = np.asarray(tissue.mask)
+    cm = confusion(torch.from_numpy(np.asarray(types)), torch.from_numpy(mask))
+    dice = dict(zip(CLASSES, per_class_dice(cm).tolist()))
+    pred = table if table is not None and 'type' in table else instance_table(inst, types, None)
+    c = tissue_counts(tissue.inst if tissue.inst_raw is not None else None, mask, inst, pred)
+    return dict(mean_dice=mean_dice(cm), per_class_dice=dice, **scores(c))
+
+# %% ../nbs/09_cli.ipynb #8581f85b
+def split_runs(paths):
+    "`(run folders, tissue folders)` of `spseg predict`'s paths: the first is a run, the second too if it has a config."
+    paths = [Path(p) for p in paths]
+    n = 2 if len(paths) > 2 and (paths[1]/'config.json').is_file() else 1
+    if len(paths) <= n: raise ValueError('spseg predict needs a run folder and at least one tissue folder')
+    return paths[:n], paths[n:]
+
+# %% ../nbs/09_cli.ipynb #f25722dd
+def check_runs(runs):
+    "Raise a `ValueError` unless `runs` (`load_run`'s) are one run, or one semantic and one instance run."
+    tasks = sorted(cfg.task for _, cfg, _ in runs)
+    if len(tasks) > 1 and tasks != ['instance', 'semantic']:
+        raise ValueError(f'two runs must be one semantic and one instance run, got {" and ".join(tasks)}')
+
+# %% ../nbs/09_cli.ipynb #d5908683
+def predict_one(runs, tissue, out, evaluate=False, mpp=0.325, bs=16, device=None):
+    "Predict `tissue` with `runs`, write the five outputs (and `scores.json`) in `out/<tissue id>/`; return the paths."
+    inst, table, types = nuclei_of(run_maps(runs, tissue, bs, device))
+    d = Path(out)/tissue.id
+    paths = write_outputs(d, inst, types, table, sp=tissue.sp if tissue.sp_raw is not None else None, mpp=mpp)
+    if evaluate and tissue.labelled:
+        paths['scores'] = atomic_write_json(d/'scores.json', tissue_scores(tissue, inst, table, types))
+    return paths
+
+# %% ../nbs/09_cli.ipynb #84de4f76
+def predict(paths, out, evaluate=False, mpp=0.325, bs=16, device=None):
+    "`spseg predict`: the run folder(s) then the tissue folders of `paths`; every input checked before any work."
+    run_dirs, tissue_dirs = split_runs(paths)
+    runs = [load_run(r, device) for r in run_dirs]
+    check_runs(runs)
+    tissues = [load_tissue(p, require=()) for p in tissue_dirs]
+    for t in tissues:
+        t0 = time.time()
+        res = predict_one(runs, t, out, evaluate, mpp, bs, device)
+        print(f'{t.id}: {len(res)} files in {Path(out)/t.id} ({time.time() - t0:.1f} s)')
+    return [Path(out)/t.id for t in tissues]
+
+# %% ../nbs/09_cli.ipynb #92aa65f1
+def _add_jobs(sub):
+    "The `demo` and `cohort` subcommands."
     d = sub.add_parser('demo', help='synthetic cohort → load check → class shares vs Table 1 → overview figure')
     d.add_argument('--out', default='demo_out')
     d.add_argument('--n-tissues', type=int, default=6)
@@ -244,17 +380,75 @@ def main(argv=None):
     c.add_argument('--n-tissues', type=int, default=35)
     c.add_argument('--size', type=int, default=3000)
     c.add_argument('--seed', type=int, default=0)
+
+# %% ../nbs/09_cli.ipynb #1203b1d7
+def _add_train(sub):
+    "The `train` subcommand."
+    t = sub.add_parser('train', help='train one run; RUN becomes a self-contained run folder')
+    t.add_argument('cohort', help='cohort folder (one folder per tissue: he.tif, sp.tif, mask.tif, inst.tif)')
+    t.add_argument('--out', required=True, help='the run folder to write')
+    t.add_argument('--encoder', choices=['virtues', 'cellvit'], default='virtues', help='SP (virtues) or H&E (cellvit)')
+    t.add_argument('--task', choices=['semantic', 'instance'], default='semantic')
+    t.add_argument('--preset', choices=list(PRESETS), default='tiny')
+    t.add_argument('--epochs', type=int, default=None, help="default: the preset's share of 30")
+    t.add_argument('--weights', default=None, help='encoder checkpoint (default: random initialisation)')
+    t.add_argument('--split', default='holdout', help='holdout or sequential')
+    t.add_argument('--device', default=None)
+
+# %% ../nbs/09_cli.ipynb #5282dbd7
+def _add_predict(sub):
+    "The `predict` subcommand."
+    p = sub.add_parser('predict', help='typed nuclei of tissue folders: five output files per tissue')
+    p.add_argument('paths', nargs='+', metavar='RUN [RUN2] TISSUE...',
+                   help='a run folder (or a semantic and an instance run), then tissue folders (sp.tif and/or he.tif)')
+    p.add_argument('--out', required=True, help='outputs go to OUT/<tissue id>/')
+    p.add_argument('--evaluate', action='store_true', help='also write scores.json where the tissue has mask.tif')
+    p.add_argument('--mpp', type=float, default=0.325, help='pixel size in µm')
+    p.add_argument('--bs', type=int, default=16)
+    p.add_argument('--device', default=None)
+
+# %% ../nbs/09_cli.ipynb #53497cae
+def _add_docs(sub):
+    "The `site` and `readme` subcommands."
     s = sub.add_parser('site', help='the report site: nbdev_docs where Quarto is installed, else mkdocs-material')
     s.add_argument('--out', default='_site')
     s.add_argument('--nbs', default=None)
-    s.add_argument('--quarto', action=argparse.BooleanOptionalAction, default=None, help='default: whether quarto is on the PATH')
+    s.add_argument('--quarto', action=argparse.BooleanOptionalAction, default=None,
+                   help='default: whether quarto is on the PATH')
     s.add_argument('--n-workers', type=int, default=2)
     m = sub.add_parser('readme', help='write README.md from nbs/index.ipynb')
     m.add_argument('--index', default='nbs/index.ipynb')
     m.add_argument('--out', default='README.md')
-    a = p.parse_args(argv)
+
+# %% ../nbs/09_cli.ipynb #65a0bce3
+def make_parser():
+    "The argument parser of the `spseg` command."
+    p = argparse.ArgumentParser(prog='spseg',
+                                description='Nuclei segmentation from paired H&E and spatial-proteomics images.')
+    sub = p.add_subparsers(dest='cmd', required=True)
+    for add in (_add_jobs, _add_train, _add_predict, _add_docs): add(sub)
+    return p
+
+# %% ../nbs/09_cli.ipynb #503c0984
+def _dispatch(a):
+    "Run the subcommand of the parsed arguments `a`."
     if a.cmd == 'demo': demo(a.out, a.n_tissues, a.size, a.seed)
-    elif a.cmd == 'cohort': print('\n'.join(map(str, make_cohort(a.root, n_tissues=a.n_tissues, size=a.size, seed=a.seed))))
+    elif a.cmd == 'cohort':
+        paths = make_cohort(a.root, n_tissues=a.n_tissues, size=a.size, seed=a.seed)
+        print('\n'.join(map(str, paths)))
+    elif a.cmd == 'train':
+        m = train(a.cohort, a.out, a.encoder, a.task, a.preset, a.epochs, a.weights, a.split, a.device, progress=True)
+        print(f'{a.out}: ' + ', '.join(f'{k} {m[k]:.4f}' for k in ('mean_dice', 'binary_dice', 'hv_mse') if k in m))
+    elif a.cmd == 'predict': predict(a.paths, a.out, a.evaluate, a.mpp, a.bs, a.device)
     elif a.cmd == 'site': print(build_site(a.out, a.nbs, a.quarto, a.n_workers)/'index.html')
     elif a.cmd == 'readme': print(write_readme(a.index, a.out))
+
+# %% ../nbs/09_cli.ipynb #1ff7e3b5
+def main(argv=None):
+    "Entry point of the `spseg` command: 0 when done, 2 with one line on stderr on bad input."
+    a = make_parser().parse_args(argv)
+    try: _dispatch(a)
+    except (DataError, CheckpointError, FileNotFoundError, ValueError) as e:
+        print(f'spseg {a.cmd}: error: {e}', file=sys.stderr)
+        return 2
     return 0

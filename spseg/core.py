@@ -14,6 +14,12 @@ __all__ = ['atomic_path', 'atomic_write_bytes', 'atomic_write_text', 'jsonable',
            'atomic_np_save', 'atomic_imwrite', 'digest', 'short_hash']
 
 # %% ../nbs/00_core.ipynb #47d08b5c
+def _umask():
+    "The process's file-creation mask (read by setting it and putting it back)."
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
 @contextmanager
 def atomic_path(path):
     "Yield a temporary path beside `path`; rename it onto `path` if the block finishes, remove it if it raises."
@@ -23,6 +29,7 @@ def atomic_path(path):
     os.close(fd)
     try:
         yield Path(tmp)
+        os.chmod(tmp, 0o666 & ~_umask())      # mkstemp makes the file private (0600); a result is a normal file
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp): os.remove(tmp)

@@ -92,3 +92,13 @@ def test_short_hash_ignores_key_order(v):
 @given(st.binary(max_size=64), st.integers(0, 64))
 def test_digest_of_chunks_equals_digest_of_whole(b, k):
     assert digest([b[:k], b[k:]]) == digest(b)
+
+def test_written_files_get_the_usual_permissions(tmp_path):
+    "mkstemp makes private files; a finished result must have the mode a plain open() would give it."
+    import os
+    mask = os.umask(0o022)
+    try:
+        p = atomic_write_text(tmp_path/'r.txt', 'x')
+        assert p.stat().st_mode & 0o777 == 0o644
+    finally:
+        os.umask(mask)
