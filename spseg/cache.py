@@ -40,13 +40,17 @@ _NORMALISATION = dict(
                                markers=enc.marker_names),
     he=lambda enc, stats: dict(he='rgb/255, (x-0.5)/0.5'))
 
+def _normalisation(encoder, stats):
+    "The normalisation of every image `encoder` reads: the table's entry for each of its parts, merged."
+    return {k: v for m, part in encoder.parts.items() for k, v in _NORMALISATION[m](part, stats).items()}
+
 # %% ../nbs/01c_cache.ipynb #9480d2d7
 def cache_manifest(encoder, stats=None, tile=120, edge='pad'):
     "The manifest of a cache of `encoder`'s outputs: every field that changes the cached numbers."
     grid = encoder.token_grid(tile)
     m = dict(format=CACHE_FORMAT, encoder=type(encoder).__name__, modality=encoder.modality,
              input_scale=encoder.input_scale, patch_size=encoder.patch_size, config=asdict(encoder.cfg),
-             weights_hash=weights_hash(encoder), normalisation=_NORMALISATION[encoder.modality](encoder, stats),
+             weights_hash=weights_hash(encoder), normalisation=_normalisation(encoder, stats),
              tile=tile, edge=edge, dtype='float16', states=encoder.state_names,
              shape=[len(encoder.state_names), encoder.embed_dim, grid, grid])
     return jsonable(m)

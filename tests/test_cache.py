@@ -100,3 +100,53 @@ def test_cache_vit(tmp_path, cohort):
     assert (c.manifest['modality'], c.manifest['input_scale']) == ('he', 2)
     with pytest.raises(CacheMismatch, match='encoder'):
         build_cache(tmp_path/'v', paths[:1], _enc(), st, on_mismatch='raise')
+
+# ---------- the fusion encoder
+
+def _fusion(seed=0):
+    from spseg.encoders import fusion_encoder
+    torch.manual_seed(seed)
+    return fusion_encoder('tiny')
+
+def test_fusion_manifest(cohort):
+    _, st = cohort
+    f = _fusion()
+    m = cache_manifest(f, st)
+    assert (m['encoder'], m['modality'], m['input_scale'], m['patch_size']) == ('FusionEncoder', 'sp+he', 1, 8)
+    assert m['shape'] == [5, 128, 15, 15] and m['config']['input_scales'] == [1, 2]
+    ms, mh = cache_manifest(f.sp, st), cache_manifest(f.he, st)
+    assert m['normalisation'] == {**ms['normalisation'], **mh['normalisation']}
+    assert {'sp', 'he', 'stats', 'markers'} <= set(m['normalisation'])
+    assert m['normalisation']['stats'] == ms['normalisation']['stats']
+    for single in (ms, mh): assert m['weights_hash'] != single['weights_hash'] and m['modality'] != single['modality']
+    st2 = sp_stats(cohort[0][0].parent, ['t0', 't1'])
+    assert cache_manifest(f, st2)['normalisation'] != m['normalisation']      # the SP statistics are in it
+
+def test_fusion_cache_round_trip(tmp_path, cohort):
+    "A fusion cache holds `states` of each normalised tile pair; it never passes for a single encoder's cache."
+    from spseg.data import TileDataset
+    paths, st = cohort
+    f = _fusion().eval()
+    c = build_cache(tmp_path/'f', paths, f, st, bs=4)
+    assert c.ids == ['t0', 't1'] and c.tissue('t1').shape == (4, 5, 128, 15, 15)
+    ds = TileDataset(paths[1:], st, margin=0)
+    sp, he = (torch.from_numpy(np.stack([ds.read(k)[j] for k in range(4)])) for j in (0, 1))
+    with torch.no_grad(): ref = f.states(sp=sp, he=he).numpy().astype(np.float16)
+    np.testing.assert_array_equal(np.asarray(c.tissue('t1')), ref)
+    with pytest.raises(CacheMismatch, match='modality'):
+        build_cache(tmp_path/'f', paths, f.sp, st, on_mismatch='raise')
+
+def test_fusion_cache_feeds_training(tmp_path, cohort):
+    "CachedTiles gives the decoder the 19-channel tile pair and the 128-wide cached states."
+    from spseg.data import TileDataset
+    from spseg.decoder import decoder_for
+    from spseg.train import CachedTiles, DecoderOnStates
+    paths, st = cohort
+    f = _fusion().eval()
+    c = build_cache(tmp_path/'f', paths[:1], f, st, bs=4)
+    ds = CachedTiles(c, TileDataset(paths[:1], st), f)
+    x_img, *z, mask, inst, hv = ds[0]
+    assert x_img.shape == (19, 120, 120) and [s.shape for s in z] == [(128, 15, 15)] * 5
+    head = DecoderOnStates(decoder_for(f, 'tiny'), f.input_scale).eval()
+    with torch.no_grad(): out = head(x_img[None], *(s[None] for s in z))
+    assert all(v.shape[-2:] == mask.shape[-2:] == (120, 120) for v in out.values())

@@ -104,3 +104,68 @@ def test_bad_inputs():
     with pytest.raises(ValueError, match='unknown preset'): CellViTEncoder('huge')
     with pytest.raises(ValueError, match='not a multiple of the 16-px patch'):
         CellViTEncoder('tiny')(torch.randn(1, 3, 40, 40))
+
+# ---------- fusion: both encoders on one tile
+
+from spseg.encoders import FusionEncoder, FusionConfig, fusion_encoder
+
+def _fusion(seed=0):
+    torch.manual_seed(seed)
+    return fusion_encoder('tiny').eval()
+
+def test_fusion_interface():
+    with torch.device('meta'): f = fusion_encoder('paper')
+    assert (f.modality, f.modalities, f.in_chans, f.patch_size, f.input_scale) == ('sp+he', ('sp', 'he'), 19, 8, 1)
+    assert f.embed_dim == 512 + 384 and f.token_grid(120) == f.sp.token_grid(120) == f.he.token_grid(120) == 15
+    assert f.state_names == f.sp.state_names and set(f.parts) == {'sp', 'he'}
+    assert f.cfg == FusionConfig(f.sp.cfg, f.he.cfg, (1, HE_SCALE))
+    assert encoder_params(f) == encoder_params(f.sp) + encoder_params(f.he)
+    for e in (f.sp, f.he): assert e.modalities == (e.modality,) and e.parts == {e.modality: e}
+
+def test_fusion_states_are_the_parts_states():
+    "Exactly: each part runs on its own image at its own scale, as it would alone."
+    f = _fusion()
+    sp, he = torch.randn(3, 16, 120, 120), torch.randn(3, 3, 120, 120)
+    x = f.encoder_input(sp=sp, he=he)
+    assert x.shape == (3, 19, 120, 120) and torch.equal(x, torch.cat([sp, he], 1))
+    with torch.no_grad(): s, ssp, she = f.states(sp=sp, he=he), f.sp.states(sp=sp), f.he.states(he=he)
+    assert s.shape == (3, 5, 128, 15, 15)
+    assert torch.equal(s, torch.cat([ssp, she], 2))
+    assert torch.equal(s[:, :, :64], ssp) and torch.equal(s[:, :, 64:], she)
+
+def test_fusion_refuses_mismatched_parts():
+    vit = CellViTEncoder('tiny')
+    with pytest.raises(ValueError, match='VirTuesEncoder and CellViTEncoder make different token grids'):
+        FusionEncoder(VirTuesEncoder('tiny', patch=4), vit)
+    with pytest.raises(ValueError, match='one token covers 8 and 16 tile px'):
+        FusionEncoder(VirTuesEncoder('tiny'), CellViTEncoder('tiny', input_scale=1))
+    with pytest.raises(ValueError, match='takes an SP then an H&E encoder'):
+        FusionEncoder(vit, VirTuesEncoder('tiny'))
+    with pytest.raises(ValueError, match='takes an SP then an H&E encoder'):
+        FusionEncoder(VirTuesEncoder('tiny'), VirTuesEncoder('tiny'))
+    with pytest.raises(ValueError, match='different numbers of states'):
+        FusionEncoder(VirTuesEncoder('tiny'), CellViTEncoder('tiny', skip_blocks=(4,)))
+
+def test_fusion_refuses_bad_inputs():
+    f = _fusion()
+    sp, he = torch.randn(1, 16, 120, 120), torch.randn(1, 3, 120, 120)
+    with pytest.raises(ValueError, match="FusionEncoder reads 'sp' and 'he' images: pass he="): f.states(sp=sp)
+    with pytest.raises(ValueError, match="FusionEncoder reads 'sp' and 'he' images: pass sp="): f.encoder_input(he=he)
+    with pytest.raises(ValueError, match='FusionEncoder reads 19 channels, got 20'): f(torch.randn(1, 20, 120, 120))
+    with pytest.raises(ValueError, match='not a multiple of the 8-px patch'): f.token_grid(100)
+
+def test_fusion_feeds_the_decoder():
+    "decoder_for reads the fusion's width, channels and patch; the decoder gives logits at the tile's 120×120 grid."
+    from spseg.decoder import decoder_for
+    from spseg.train import DecoderOnStates, EncoderDecoder
+    f = _fusion()
+    dec = decoder_for(f, 'tiny')
+    assert (dec.embed_dim, dec.in_chans, dec.patch_size) == (128, 19, 8)
+    sp, he = torch.randn(2, 16, 120, 120), torch.randn(2, 3, 120, 120)
+    head = DecoderOnStates(dec, f.input_scale).eval()
+    with torch.no_grad():
+        s = f.states(sp=sp, he=he)
+        out = head(f.encoder_input(sp=sp, he=he), *s[:, 1:].unbind(1), s[:, 0])
+        end = EncoderDecoder(f, dec).eval()(sp, he)
+    assert out and all(v.shape[0] == 2 and v.shape[-2:] == (120, 120) for v in out.values())
+    for k in out: torch.testing.assert_close(end[k], out[k])
