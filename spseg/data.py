@@ -18,7 +18,7 @@ __all__ = ['CLASSES', 'MARKERS', 'TABLE1', 'CLASS_COLOURS', 'IGNORE_INDEX', 'N_C
            'TRAIN_FILES', 'SPLIT_SCHEMES', 'class_cmap', 'class_legend', 'DataError', 'ChunkCache', 'TiffArray',
            'read_tiff', 'Tissue', 'load_tissue', 'write_tissue', 'list_tissues', 'class_shares', 'tile_grid',
            'split_tissues', 'instances_from_mask', 'hv_map', 'sp_percentile', 'normalise_sp', 'normalise_he', 'SPStats',
-           'sp_stats', 'TileDataset', 'tile_dls']
+           'sp_stats', 'sp_window', 'he_window', 'TileDataset', 'tile_dls']
 
 # %% ../nbs/00_data.ipynb #2a918cb8
 CLASSES = ['Background', 'Stroma', 'Tumor', 'Macrophage', 'Helper T cell', 'Cytotoxic T cell',
@@ -570,6 +570,26 @@ def sp_stats(root, train_ids, cache=True):
     if cache: st.save(cache_path)
     return st
 
+# %% ../nbs/00_data.ipynb #e4ea3497
+def sp_window(t, norm, y0, x0, y1, x1):
+    "Normalised SP `(16, y1-y0, x1-x0)` of `t` from `(y0, x0)` (blurred with a 1-px halo); zeros past the tissue."
+    (H, W), out = t.shape, np.zeros((N_MARKERS, y1 - y0, x1 - x0), np.float32)
+    vy, vx = min(y1, H), min(x1, W)
+    if t.sp_raw is None or norm is None or vy <= y0 or vx <= x0: return out
+    cy, cx = max(y0 - 1, 0), max(x0 - 1, 0)
+    sp = normalise_sp(t.sp_region(cy, cx, min(y1 + 1, H), min(x1 + 1, W)), *norm)
+    out[:, :vy - y0, :vx - x0] = sp[:, y0 - cy:vy - cy, x0 - cx:vx - cx]
+    return out
+
+# %% ../nbs/00_data.ipynb #1f7c4998
+def he_window(t, y0, x0, y1, x1):
+    "Normalised H&E `(3, y1-y0, x1-x0)` of `t` from `(y0, x0)`; zeros past the tissue or without H&E."
+    (H, W), out = t.shape, np.zeros((3, y1 - y0, x1 - x0), np.float32)
+    vy, vx = min(y1, H), min(x1, W)
+    if t.he is not None and vy > y0 and vx > x0:
+        out[:, :vy - y0, :vx - x0] = normalise_he(t.he_region(y0, x0, vy, vx))
+    return out
+
 # %% ../nbs/00_data.ipynb #3d410a58
 def _read_window(arr, y0, x0, y1, x1, fill=0, channels_last=False):
     "Window `[y0:y1, x0:x1]` of the image axes of `arr` (the last two, or the first two), padded where it leaves it."
@@ -613,21 +633,12 @@ def _inside(t, y, x, s):
 # %% ../nbs/00_data.ipynb #e5aac7c9
 def _sp_tile(t, stats, y, x, s):
     "Normalised SP `(16, s, s)` of the tile at `(y, x)` (blurred with a 1-px halo); zeros outside the tissue or SP."
-    (H, W), (vh, vw) = t.shape, _inside(t, y, x, s)
-    sp = np.zeros((N_MARKERS, s, s), np.float32)
-    if not (vh and vw and t.sp_raw is not None): return sp
-    cy0, cx0, cy1, cx1 = max(y - 1, 0), max(x - 1, 0), min(y + s + 1, H), min(x + s + 1, W)
-    norm = normalise_sp(t.sp_region(cy0, cx0, cy1, cx1), *stats.for_tissue(t.id))
-    sp[:, :vh, :vw] = norm[:, y - cy0:y - cy0 + vh, x - cx0:x - cx0 + vw]
-    return sp
+    return sp_window(t, stats.for_tissue(t.id) if t.sp_raw is not None else None, y, x, y + s, x + s)
 
 # %% ../nbs/00_data.ipynb #8f5949e5
 def _he_tile(t, y, x, s):
     "Normalised H&E `(3, s, s)` of the tile at `(y, x)`; zeros outside the tissue or without H&E."
-    vh, vw = _inside(t, y, x, s)
-    he = np.zeros((3, s, s), np.float32)
-    if vh and vw and t.he is not None: he[:, :vh, :vw] = normalise_he(t.he_region(y, x, y + vh, x + vw))
-    return he
+    return he_window(t, y, x, y + s, x + s)
 
 # %% ../nbs/00_data.ipynb #f947c222
 def _label_tiles(t, y, x, s, m):

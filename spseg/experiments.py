@@ -5,7 +5,7 @@
 # %% ../nbs/06a_experiments.ipynb #be639229
 from __future__ import annotations
 import json, os, shutil, time
-from dataclasses import dataclass, asdict, fields
+from dataclasses import dataclass, asdict, fields, replace
 from pathlib import Path
 import numpy as np, pandas as pd, torch
 from fastcore.basics import patch
@@ -13,20 +13,20 @@ from fastai.torch_core import set_seed
 from .core import atomic_write_json, atomic_write_text, short_hash
 from .data import N_CLASSES, TileDataset, list_tissues, split_tissues, sp_stats, class_shares, tile_dls
 from .metrics import confusion, per_class_dice, pixel_shares
-from .encoders import VirTuesEncoder, CellViTEncoder
+from .encoders import VirTuesEncoder, CellViTEncoder, fusion_encoder
 from .checkpoints import load_virtues, load_cellvit_vit256
 from .cache import build_cache, cache_manifest
 from .decoder import decoder_for
-from .losses import SemanticLoss, InstanceLoss, class_weights
+from .losses import SemanticLoss, InstanceLoss, JointLoss, class_weights
 from .sampling import weighted_dls
 from .augment import PairedAugment, augment_embedding_xy, augment_tile_xy
 from .train import (BestCheckpoint, CachedTiles, DecoderOnStates, EncoderDecoder, cached_dls, evaluate,
-                         seg_learner, task_metrics, task_monitor)
+                         seg_learner, task_metrics, task_monitor, TASKS)
 
 # %% auto #0
-__all__ = ['DECODER_VARIANTS', 'PRESETS', 'STUDIES', 'STUDY_RESULTS', 'RunConfig', 'preset_config', 'make_encoder', 'run_data',
-           'make_decoder', 'make_model', 'make_loss', 'finished_run', 'run_experiment', 'majority_baseline',
-           'study_grid', 'run_grid', 'results_table']
+__all__ = ['DECODER_VARIANTS', 'PRESETS', 'ENCODERS', 'RESUME_FILE', 'STUDIES', 'STUDY_RESULTS', 'RunConfig', 'preset_config',
+           'make_encoder', 'run_cache', 'run_data', 'task_heads', 'make_decoder', 'make_model', 'make_loss',
+           'finished_run', 'run_experiment', 'majority_baseline', 'study_grid', 'run_grid', 'results_table']
 
 # %% ../nbs/06a_experiments.ipynb #a9ae7f4f
 DECODER_VARIANTS = {'baseline': dict(boundary=False, attention=None),
@@ -40,8 +40,8 @@ class RunConfig:
     "Everything that determines one training run; `hash` names its results folder."
     name: str = 'run'
     root: str = ''                 # cohort folder (spseg.data layout)
-    task: str = 'semantic'         # 'semantic' (types head, eq. 1) or 'instance' (binary + HV heads, eq. 3)
-    encoder: str = 'virtues'       # 'virtues' (SP) or 'cellvit' (H&E): read by `make_encoder` only
+    task: str = 'semantic'         # 'semantic' (types, eq. 1), 'instance' (binary + HV, eq. 3) or 'both' (eq. 1 + 3)
+    encoder: str = 'virtues'       # 'virtues' (SP), 'cellvit' (H&E) or 'fusion' (both): read by `make_encoder` only
     encoder_preset: str = 'tiny'   # 'tiny' or 'paper' (spseg.encoders presets)
     encoder_weights: str = None    # checkpoint file; None = random initialisation from `encoder_seed`
     encoder_seed: int = 0
@@ -101,7 +101,13 @@ def preset_config(preset='tiny', **overrides):
     return RunConfig(**{**p, **overrides})
 
 # %% ../nbs/06a_experiments.ipynb #6091d3bf
-_ENCODERS = dict(virtues=(VirTuesEncoder, load_virtues), cellvit=(CellViTEncoder, load_cellvit_vit256))
+def _no_fusion_weights(path):
+    "A fusion encoder from a checkpoint file: not supported (see above)."
+    raise ValueError(f'{path}: a fusion encoder is built from random initialisations only; drop the weights')
+
+_ENCODERS = dict(virtues=(VirTuesEncoder, load_virtues), cellvit=(CellViTEncoder, load_cellvit_vit256),
+                 fusion=(fusion_encoder, _no_fusion_weights))
+ENCODERS = tuple(_ENCODERS)   # the names `RunConfig.encoder` takes
 
 def make_encoder(cfg: RunConfig):
     "The encoder of `cfg`: loaded from `encoder_weights`, or randomly initialised from `encoder_seed`."
@@ -117,23 +123,39 @@ def _split(cfg: RunConfig):
     "`(train ids, valid ids)` of `cfg`'s split and fold of its cohort."
     return split_tissues([p.name for p in list_tissues(cfg.root)], cfg.split, cfg.fold)
 
-# %% ../nbs/06a_experiments.ipynb #25bb4f7c
-def run_data(cfg: RunConfig, cache_dir, encoder=None):
-    "`(train CachedTiles, valid CachedTiles, stats, train_ids, valid_ids)` of `cfg`, caching the encoder's states."
+# %% ../nbs/06a_experiments.ipynb #84d59a7a
+def run_cache(cfg: RunConfig, cache_dir, encoder=None, device=None, progress=None):
+    "`(EmbeddingCache, stats, train_ids, valid_ids)` of `cfg`: its split's tiles encoded into `cache_dir/<manifest hash>`."
     root, (train_ids, valid_ids) = Path(cfg.root), _split(cfg)
     stats = sp_stats(root, train_ids)
     encoder = encoder or make_encoder(cfg)
     key = short_hash(cache_manifest(encoder, stats, cfg.tile))
-    cache = build_cache(Path(cache_dir)/key, [root/i for i in train_ids + valid_ids], encoder, stats, tile=cfg.tile)
+    cache = build_cache(Path(cache_dir)/key, [root/i for i in train_ids + valid_ids], encoder, stats, tile=cfg.tile,
+                        device=device, progress=progress)
+    return cache, stats, train_ids, valid_ids
+
+# %% ../nbs/06a_experiments.ipynb #ec424801
+def run_data(cfg: RunConfig, cache_dir, encoder=None):
+    "`(train CachedTiles, valid CachedTiles, stats, train_ids, valid_ids)` of `cfg`, caching the encoder's states."
+    encoder = encoder or make_encoder(cfg)
+    cache, stats, train_ids, valid_ids = run_cache(cfg, cache_dir, encoder)
+    root = Path(cfg.root)
     tiles = lambda ids_: CachedTiles(cache, TileDataset([root/i for i in ids_], stats, tile=cfg.tile), encoder, True)
     return tiles(train_ids), tiles(valid_ids), stats, train_ids, valid_ids
+
+# %% ../nbs/06a_experiments.ipynb #fd391e25
+def task_heads(task):
+    "The decoder heads `{name: channels}` a `task` trains: types (semantic), binary and HV (instance), or all three."
+    if task not in TASKS: raise ValueError(f"task must be one of {', '.join(TASKS)}, got {task!r}")
+    semantic = dict(types=N_CLASSES) if task in ('semantic', 'both') else {}
+    return {**semantic, **(dict(binary=2, hv=2) if task in ('instance', 'both') else {})}
 
 # %% ../nbs/06a_experiments.ipynb #e24d467c
 def make_decoder(cfg: RunConfig, encoder):
     "The decoder of `cfg` for `encoder`: heads of the task and variant, the preset, width and skips of `cfg`."
     v = DECODER_VARIANTS[cfg.variant]
-    heads = dict(types=N_CLASSES) if cfg.task == 'semantic' else dict(binary=2, hv=2)
-    if v['boundary'] and cfg.task == 'semantic': heads['boundary'] = 1
+    heads = task_heads(cfg.task)
+    if v['boundary'] and 'types' in heads: heads['boundary'] = 1
     kw = dict(heads=heads, skips=cfg.skips, attention=v['attention'])
     if cfg.width is not None: kw['width'] = cfg.width
     return decoder_for(encoder, cfg.decoder_preset, **kw)
@@ -147,8 +169,9 @@ def make_model(cfg: RunConfig, encoder):
 
 # %% ../nbs/06a_experiments.ipynb #fcbb8c0d
 def make_loss(cfg: RunConfig, train_shares=None):
-    "Eq. 1 (`semantic`) with the config's weights, or eq. 3 (`instance`)."
+    "Eq. 1 (`semantic`) with the config's weights, eq. 3 (`instance`), or their sum (`both`)."
     if cfg.task == 'instance': return InstanceLoss()
+    if cfg.task == 'both': return JointLoss(make_loss(replace(cfg, task='semantic'), train_shares), InstanceLoss())
     v = DECODER_VARIANTS[cfg.variant]
     cw = class_weights(train_shares) if cfg.class_weights else None
     return SemanticLoss(cfg.ce, cfg.dice, cfg.ft, class_weight=cw,
@@ -183,6 +206,9 @@ def _raw_run_dls(cfg: RunConfig, device):
     aug = PairedAugment(augment_tile_xy, seed=cfg.seed) if cfg.augment else None
     return dls, aug, dict(train_ids=train_ids, valid_ids=valid_ids, cache=None)
 
+# %% ../nbs/06a_experiments.ipynb #33fe949a
+RESUME_FILE = 'resume.pth'   # the per-epoch state of a run in progress (`spseg.train.ResumeState`)
+
 # %% ../nbs/06a_experiments.ipynb #29e41e44
 def _fit(cfg: RunConfig, work, cache_dir, device, progress=False):
     "The learner of `cfg` trained in `work` (holding the best checkpoint), and the run's data facts."
@@ -193,7 +219,8 @@ def _fit(cfg: RunConfig, work, cache_dir, device, progress=False):
     loss = make_loss(cfg, class_shares([Path(cfg.root)/i for i in info['train_ids']]))
     learn = seg_learner(dls, make_model(cfg, encoder), loss, work, metrics=task_metrics(cfg.task),
                         monitor=task_monitor(cfg.task), lr=cfg.lr, wd=cfg.wd, T0=cfg.T0, eta_min=cfg.eta_min,
-                        patience=cfg.patience, cbs=[aug] if aug else None, progress=progress)
+                        patience=cfg.patience, cbs=[aug] if aug else None, progress=progress,
+                        resume=RESUME_FILE)
     if cfg.amp or (cfg.amp is None and device.type == 'cuda'): learn.to_bf16()
     learn.fit(cfg.epochs, cfg.lr)
     return learn, info
@@ -209,28 +236,41 @@ def _run_metrics(cfg: RunConfig, learn, info, seconds):
                monitor=dict(name=best.monitor, best=float(best.best), mean=mon.mean(), std=mon.std(ddof=0)),
                best_valid_loss=hist['valid_loss'].min(), n_train_tiles=len(learn.dls.train_ds),
                n_valid_tiles=len(learn.dls.valid_ds), seconds=seconds, **info)
-    if cfg.task == 'semantic':
+    if cfg.task in ('semantic', 'both'):
         gt, pr = pixel_shares(cm)
         res['per_class'] = dict(dice=per_class_dice(cm), gt_pct=gt, pred_pct=pr)
     res['confusion'] = cm.tolist()
     return res
 
 # %% ../nbs/06a_experiments.ipynb #0fc75d65
+def _resumable(cfg: RunConfig, work):
+    "Whether the folder `work` is an interrupted run of `cfg` (its `config.json` is `cfg`)."
+    try: return RunConfig.from_json((Path(work)/'config.json').read_text()) == cfg
+    except (OSError, ValueError, TypeError): return False
+
+# %% ../nbs/06a_experiments.ipynb #034dee1e
+def _work_folder(cfg: RunConfig, work):
+    "Make `work` the folder of a run of `cfg`: an interrupted run of `cfg` is kept (to resume), anything else replaced."
+    if _resumable(cfg, work): return
+    if work.exists(): shutil.rmtree(work)
+    work.mkdir(parents=True)
+    atomic_write_text(work/'config.json', cfg.to_json())
+
+# %% ../nbs/06a_experiments.ipynb #ce4d97ae
 def run_experiment(cfg: RunConfig, out, cache_dir=None, device=None, progress=False):
-    "Train `cfg`, write config, history, best checkpoint and metrics to `out/<name>-<hash>/`; skip if already done."
+    "Train `cfg` and write its config, history, best checkpoint, metrics to `out/<name>-<hash>/`; skip or resume."
     out = Path(out)
     done = finished_run(cfg, out)
     if done is not None: return done
     final, work = out/cfg.run_name, out/f'.{cfg.run_name}.partial'
-    for d in (work, final):                  # an interrupted run, or a folder of another config under this hash
-        if d.exists(): shutil.rmtree(d)
-    work.mkdir(parents=True)
-    atomic_write_text(work/'config.json', cfg.to_json())
+    if final.exists(): shutil.rmtree(final)       # a folder of another config under this hash
+    _work_folder(cfg, work)
     device = torch.device(device or ('cuda' if torch.cuda.is_available() else 'cpu'))
     t0 = time.time()
     learn, info = _fit(cfg, work, cache_dir or out/'caches', device, progress)
     atomic_write_json(work/'metrics.json', _run_metrics(cfg, learn, info, time.time() - t0))
     os.replace(work, final)
+    (final/RESUME_FILE).unlink(missing_ok=True)
     return json.loads((final/'metrics.json').read_text())
 
 # %% ../nbs/06a_experiments.ipynb #880d5270

@@ -8,7 +8,7 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 import numpy as np, torch
-from .data import N_MARKERS, SPStats, TileDataset, normalise_he, normalise_sp, sp_percentile
+from .data import N_MARKERS, SPStats, TileDataset, he_window, sp_percentile, sp_window
 from .train import CachedTiles, DecoderOnStates, EncoderDecoder
 from .experiments import RunConfig, make_encoder, make_model
 from .instance import postprocess
@@ -90,21 +90,21 @@ def predict_tissues(model, ds, bs=8, heads=None, raw=('hv',), device=None):
     return maps
 
 # %% ../nbs/08_inference.ipynb #54bcf54f
-def window_starts(size, tile=120, margin=16):
+def window_starts(size, tile=120, margin=8):
     "Starts of the `tile`-px windows at stride `tile - 2*margin` that cover `size` px from 0 (the last may pass it)."
     stride = tile - 2 * margin
     if margin < 0 or stride < 1: raise ValueError(f'need 0 <= 2*margin < tile; got tile={tile}, margin={margin}')
     return np.arange(1 + max(0, -(-(size - tile) // stride))) * stride
 
 # %% ../nbs/08_inference.ipynb #a2599f96
-def kept_spans(starts, size, tile=120, margin=16):
+def kept_spans(starts, size, tile=120, margin=8):
     "`(n, 2)` half-open span each window gives: its centre; the first from 0, the last up to `size`."
     a, b = starts + margin, np.minimum(starts + tile - margin, size)
     a[0], b[-1] = 0, size
     return np.stack([a, b], 1)
 
 # %% ../nbs/08_inference.ipynb #ab1a820f
-def window_plan(height, width, tile=120, margin=16):
+def window_plan(height, width, tile=120, margin=8):
     "`(n, 6)` rows `(y, x, y0, y1, x0, x1)`, row-major: each window's corner and the tissue box it gives."
     ys, xs = window_starts(height, tile, margin), window_starts(width, tile, margin)
     sy, sx = kept_spans(ys, height, tile, margin), kept_spans(xs, width, tile, margin)
@@ -117,26 +117,6 @@ def tissue_norm(tissue, stats: SPStats, p99=None):
     p99 = sp_percentile(tissue) if p99 is None else p99
     return np.asarray(p99, np.float32), np.asarray(stats.mean, np.float32), np.asarray(stats.std, np.float32)
 
-# %% ../nbs/08_inference.ipynb #b9382c94
-def _sp_block(t, norm, y0, x0, y1, x1):
-    "Normalised SP `(16, y1-y0, x1-x0)` of `t` from `(y0, x0)` (blurred with a 1-px halo); zeros past the tissue."
-    (H, W), out = t.shape, np.zeros((N_MARKERS, y1 - y0, x1 - x0), np.float32)
-    vy, vx = min(y1, H), min(x1, W)
-    if t.sp_raw is None or norm is None or vy <= y0 or vx <= x0: return out
-    cy, cx = max(y0 - 1, 0), max(x0 - 1, 0)
-    sp = normalise_sp(t.sp_region(cy, cx, min(y1 + 1, H), min(x1 + 1, W)), *norm)
-    out[:, :vy - y0, :vx - x0] = sp[:, y0 - cy:vy - cy, x0 - cx:vx - cx]
-    return out
-
-# %% ../nbs/08_inference.ipynb #cf410edd
-def _he_block(t, y0, x0, y1, x1):
-    "Normalised H&E `(3, y1-y0, x1-x0)` of `t` from `(y0, x0)`; zeros past the tissue or without H&E."
-    (H, W), out = t.shape, np.zeros((3, y1 - y0, x1 - x0), np.float32)
-    vy, vx = min(y1, H), min(x1, W)
-    if t.he is not None and vy > y0 and vx > x0:
-        out[:, :vy - y0, :vx - x0] = normalise_he(t.he_region(y0, x0, vy, vx))
-    return out
-
 # %% ../nbs/08_inference.ipynb #ae863ce5
 def read_windows(tissue, corners, tile=120, norm=None, modalities=('sp', 'he')):
     "`(sp, he)` float32 tensors `(B, C, tile, tile)` of the windows at `corners`: one read per row of windows."
@@ -144,8 +124,8 @@ def read_windows(tissue, corners, tile=120, norm=None, modalities=('sp', 'he')):
     for y in sorted({int(c[0]) for c in corners}):
         ks = [k for k, c in enumerate(corners) if c[0] == y]
         x0, x1 = min(corners[k][1] for k in ks), max(corners[k][1] for k in ks) + tile
-        blocks = [(sp, _sp_block(tissue, norm, y, x0, y + tile, x1))] if 'sp' in modalities else []
-        if 'he' in modalities: blocks.append((he, _he_block(tissue, y, x0, y + tile, x1)))
+        blocks = [(sp, sp_window(tissue, norm, y, x0, y + tile, x1))] if 'sp' in modalities else []
+        if 'he' in modalities: blocks.append((he, he_window(tissue, y, x0, y + tile, x1)))
         for dst, block in blocks:
             for k in ks: dst[k] = torch.from_numpy(block[:, :, corners[k][1] - x0:corners[k][1] - x0 + tile])
     return sp, he
@@ -166,10 +146,12 @@ def model_modalities(model):
 # %% ../nbs/08_inference.ipynb #e82db1fe
 @contextmanager
 def _clock(timer, stage):
-    "Add the seconds the block takes to `timer[stage]` (nothing if `timer` is None)."
-    t0 = time.perf_counter()
+    "Add the wall-clock and CPU seconds the block takes to `timer[stage]` and `timer[stage + '_cpu']` (if a dict)."
+    t0, c0 = time.perf_counter(), time.process_time()
     yield
-    if timer is not None: timer[stage] = timer.get(stage, 0.0) + time.perf_counter() - t0
+    if timer is None: return
+    timer[stage] = timer.get(stage, 0.0) + time.perf_counter() - t0
+    timer[f'{stage}_cpu'] = timer.get(f'{stage}_cpu', 0.0) + time.process_time() - c0
 
 # %% ../nbs/08_inference.ipynb #6cdc9fb9
 def _reduce(out, argmax=()):
@@ -191,8 +173,8 @@ def _stitch(maps, out, plan, shape):
             canvas[:, y0:y1, x0:x1] = v[k, :, y0 - y:y1 - y, x0 - x:x1 - x]
 
 # %% ../nbs/08_inference.ipynb #3687542a
-@torch.no_grad()
-def predict_tissue(model, tissue, stats=None, tile=120, margin=16, bs=16, device=None, heads=None, argmax=(),
+@torch.inference_mode()
+def predict_tissue(model, tissue, stats=None, tile=120, margin=8, bs=16, device=None, heads=None, argmax=(),
                    raw=('hv',), p99=None, timer=None):
     "`{head: map}` of `tissue` from overlapping windows, each giving its centre; `argmax` heads as class + probability."
     model.eval()

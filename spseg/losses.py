@@ -10,7 +10,7 @@ from .data import IGNORE_INDEX, N_CLASSES
 # %% auto #0
 __all__ = ['valid_pixels', 'one_hot', 'zero_loss', 'ce_loss', 'class_weights', 'dice_loss', 'focal_tversky_loss', 'msge_kernels',
            'hv_gradients', 'mse_loss', 'msge_loss', 'binary_target', 'boundary_target', 'bce_loss', 'SemanticLoss',
-           'InstanceLoss']
+           'InstanceLoss', 'JointLoss']
 
 # %% ../nbs/03_losses.ipynb #6d8a2fe8
 def valid_pixels(target):
@@ -143,3 +143,14 @@ class InstanceLoss:
                     msge=self.w['msge'] * msge_loss(pred['hv'], hv, binary == 1))
 
     def __call__(self, pred, mask, inst, hv): return sum(self.parts(pred, mask, inst, hv).values())
+
+# %% ../nbs/03_losses.ipynb #a3eeb4f7
+class JointLoss:
+    "The sum of `losses` (e.g. eq. 1 + eq. 3 for a decoder with types, binary and HV heads); parts named `<Loss>.<term>`."
+    def __init__(self, *losses): self.losses = losses
+
+    def parts(self, pred, mask, inst=None, hv=None):
+        "Every loss's weighted terms, prefixed with the loss's name."
+        return {f'{type(l).__name__}.{k}': v for l in self.losses for k, v in l.parts(pred, mask, inst, hv).items()}
+
+    def __call__(self, pred, mask, inst=None, hv=None): return sum(self.parts(pred, mask, inst, hv).values())

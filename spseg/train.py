@@ -4,13 +4,13 @@
 
 # %% ../nbs/06_train.ipynb #4448e707
 from __future__ import annotations
-import copy, math
+import copy, math, random
 from functools import partial
 from pathlib import Path
 from types import SimpleNamespace
 import numpy as np, torch, torch.nn as nn, torch.nn.functional as F
 from fastcore.basics import patch
-from fastai.callback.core import Callback
+from fastai.callback.core import Callback, CancelEpochException
 from fastai.callback.tracker import TrackerCallback, EarlyStoppingCallback
 from fastai.callback.progress import CSVLogger, ProgressCallback
 from fastai.callback.fp16 import MixedPrecision  # noqa: F401 (patches `Learner.to_bf16`)
@@ -18,6 +18,7 @@ from fastai.data.core import DataLoaders
 from fastai.data.load import DataLoader
 from fastai.learner import Learner, Metric
 from fastai.optimizer import Adam
+from fastai.torch_core import to_device
 from .core import atomic_torch_save
 from .data import N_CLASSES, IGNORE_INDEX, TileDataset
 from .metrics import confusion, per_class_dice, mean_dice, hv_sq_error
@@ -26,9 +27,9 @@ from .losses import binary_target
 from .sampling import WeightedDataLoader, sampling_weights, class_presence, cached_class_counts
 
 # %% auto #0
-__all__ = ['AdamW', 'ConfusionMetric', 'nucleus_dice', 'HVMSE', 'task_metrics', 'task_monitor', 'cosine_restart_lr',
-           'CosineRestarts', 'BestCheckpoint', 'LRLog', 'seg_learner', 'CachedTiles', 'DecoderOnStates', 'cached_dls',
-           'EncoderDecoder', 'evaluate']
+__all__ = ['TASKS', 'AdamW', 'ConfusionMetric', 'nucleus_dice', 'HVMSE', 'task_metrics', 'task_monitor', 'cosine_restart_lr',
+           'CosineRestarts', 'BestCheckpoint', 'LRLog', 'SegLearner', 'rng_state', 'set_rng_state', 'ResumeState',
+           'seg_learner', 'CachedTiles', 'DecoderOnStates', 'cached_dls', 'EncoderDecoder', 'evaluate']
 
 # %% ../nbs/06_train.ipynb #13b5b437
 def _mask_target(yb): return yb[0]
@@ -68,18 +69,21 @@ class HVMSE(Metric):
     def name(self): return 'hv_mse'
 
 # %% ../nbs/06_train.ipynb #c5c830a2
+TASKS = ('semantic', 'instance', 'both')
+
 def task_metrics(task='semantic'):
-    "The logged metrics of `task`: mean Dice of the types head, or nucleus Dice and HV MSE of the instance heads."
-    if task == 'semantic': return [ConfusionMetric()]
-    if task == 'instance': return [ConfusionMetric('binary', 2, _binary_target, nucleus_dice, 'binary_dice'), HVMSE()]
-    raise ValueError(f"task must be 'semantic' or 'instance', got {task!r}")
+    "The logged metrics of `task`: mean Dice of the types head and/or nucleus Dice and HV MSE of the instance heads."
+    if task not in TASKS: raise ValueError(f"task must be one of {', '.join(TASKS)}, got {task!r}")
+    semantic = [ConfusionMetric()] if task in ('semantic', 'both') else []
+    instance = [ConfusionMetric('binary', 2, _binary_target, nucleus_dice, 'binary_dice'), HVMSE()]
+    return semantic + (instance if task in ('instance', 'both') else [])
 
 # %% ../nbs/06_train.ipynb #5a1a2c0e
-_MONITORS = dict(semantic='mean_dice', instance='valid_loss')
+_MONITORS = dict(semantic='mean_dice', instance='valid_loss', both='valid_loss')
 
 def task_monitor(task='semantic'):
-    "The logged value that picks the best checkpoint of `task`: mean Dice (semantic), validation loss (instance)."
-    if task not in _MONITORS: raise ValueError(f"task must be 'semantic' or 'instance', got {task!r}")
+    "The logged value that picks the best checkpoint of `task`: mean Dice (semantic), validation loss (the others)."
+    if task not in _MONITORS: raise ValueError(f"task must be one of {', '.join(TASKS)}, got {task!r}")
     return _MONITORS[task]
 
 # %% ../nbs/06_train.ipynb #83d937a5
@@ -130,17 +134,102 @@ class LRLog(Metric):
     @property
     def name(self): return 'lr'
 
+# %% ../nbs/06_train.ipynb #d651f023
+class SegLearner(Learner):
+    "A fastai `Learner` whose `fit` starts at epoch `first_epoch` (set by `ResumeState`); earlier ones are not entered."
+    first_epoch = 0
+    def _do_fit(self):
+        for epoch in range(self.first_epoch, self.n_epoch):
+            self.epoch = epoch
+            self._with_events(self._do_epoch, 'epoch', CancelEpochException)
+
+# %% ../nbs/06_train.ipynb #553457c4
+def _generators(learn):
+    "The torch generators that `learn`'s loaders and callbacks own (weighted draws, augmentation), by owner."
+    owners = {f'loader{i}': dl for i, dl in enumerate(learn.dls.loaders)} | {cb.name: cb for cb in learn.cbs}
+    return {k: o.generator for k, o in owners.items() if isinstance(getattr(o, 'generator', None), torch.Generator)}
+
+# %% ../nbs/06_train.ipynb #dc2dc70d
+def rng_state(learn):
+    "Every random state the next epoch of `learn` draws from: the global generators, its loaders' and callbacks'."
+    return dict(torch=torch.get_rng_state(), cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+                numpy=np.random.get_state(), python=random.getstate(),
+                loaders=[dl.rng.getstate() for dl in learn.dls.loaders],
+                generators={k: g.get_state() for k, g in _generators(learn).items()})
+
+# %% ../nbs/06_train.ipynb #dbba4bf3
+def set_rng_state(learn, state):
+    "Put back the random states `rng_state(learn)` returned."
+    torch.set_rng_state(state['torch'])
+    if state['cuda'] and torch.cuda.is_available(): torch.cuda.set_rng_state_all(state['cuda'])
+    np.random.set_state(state['numpy'])
+    random.setstate(state['python'])
+    for dl, s in zip(learn.dls.loaders, state['loaders']): dl.rng.setstate(s)
+    for k, g in _generators(learn).items(): g.set_state(state['generators'][k])
+
+# %% ../nbs/06_train.ipynb #26f3bc82
+_CB_STATE = ('best', 'best_epoch', 'wait', 'lrs', 'iters', 'losses', 'values', 'smooth_loss')
+
+def _cb_state(learn):
+    "The attributes (`_CB_STATE`) that `learn`'s callbacks carry from one epoch to the next, by callback."
+    return {cb.name: {a: vars(cb)[a] for a in _CB_STATE if a in vars(cb)} for cb in learn.cbs}
+
+# %% ../nbs/06_train.ipynb #9491f8cf
+def _history(learn):
+    "The text of `learn`'s CSV log so far, or None without one."
+    csv = getattr(learn, 'csv_logger', None)
+    return (learn.path/csv.fname).read_text() if csv is not None else None
+
+# %% ../nbs/06_train.ipynb #15a8f5e1
+class ResumeState(Callback):
+    "Save all that the next epoch depends on to `fname` after every epoch; when `fit` starts, restore it and go on."
+    order = 70   # after the recorder, the CSV log and the trackers: their `before_fit` resets, their epoch is counted
+    def __init__(self, fname): self.fname, self.fitting = Path(fname), False
+    def after_epoch(self):
+        if not self.fitting: return      # `learn.validate()` runs the epoch events too
+        st = dict(epochs_done=self.epoch + 1, model=self.model.state_dict(), opt=self.opt.state_dict(),
+                  cbs=_cb_state(self.learn), rng=rng_state(self.learn), history=_history(self.learn))
+        atomic_torch_save(st, self.fname)
+    def after_fit(self): self.fitting, self.learn.first_epoch = False, 0
+
+# %% ../nbs/06_train.ipynb #773bb2c7
+@patch
+def before_fit(self: ResumeState):
+    "Restore the saved state, if any, and make the learner start at the epoch after it."
+    if not isinstance(self.learn, SegLearner): raise TypeError('ResumeState needs a SegLearner (to skip epochs)')
+    self.fitting, self.learn.first_epoch = True, 0
+    if self.fname.exists(): self.learn.first_epoch = self.restore(torch.load(self.fname, map_location='cpu',
+                                                                              weights_only=False))
+
+# %% ../nbs/06_train.ipynb #b566b5ef
+@patch
+def restore(self: ResumeState, st):
+    "Load the saved state `st` into the learner and its callbacks; the number of epochs it had done."
+    learn = self.learn
+    learn.model.load_state_dict(st['model'])
+    learn.opt.load_state_dict(to_device(st['opt'], next(learn.model.parameters()).device))
+    for cb in learn.cbs: vars(cb).update(st['cbs'].get(cb.name, {}))
+    set_rng_state(learn, st['rng'])
+    if st['history'] is not None:
+        f = learn.csv_logger.file
+        f.seek(0)
+        f.truncate()
+        f.write(st['history'])
+        f.flush()
+    return st['epochs_done']
+
 # %% ../nbs/06_train.ipynb #8f6ddc9c
 def seg_learner(dls, model, loss_func, path, metrics=None, monitor='mean_dice', lr=5e-4, wd=1e-2, T0=20,
-                eta_min=1e-6, patience=30, cbs=None, progress=False, checkpoint='best.pth'):
-    "A fastai `Learner` with the study's protocol: AdamW, cosine warm restarts, early stopping, best checkpoint, log."
+                eta_min=1e-6, patience=30, cbs=None, progress=False, checkpoint='best.pth', resume=None):
+    "A `SegLearner` with the study's protocol; `resume` names the file (under `path`) of its per-epoch `ResumeState`."
     metrics = list(metrics if metrics is not None else task_metrics('semantic')) + [LRLog()]
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    cbs = [CosineRestarts(T0, eta_min), BestCheckpoint(path/checkpoint, monitor),
-           EarlyStoppingCallback(monitor=monitor, patience=patience), CSVLogger('history.csv')] + list(cbs or [])
-    learn = Learner(dls, model, loss_func=loss_func, opt_func=AdamW, lr=lr, wd=wd, wd_bn_bias=True,
-                    metrics=metrics, path=path, model_dir='.', cbs=cbs)
+    protocol = [CosineRestarts(T0, eta_min), BestCheckpoint(path/checkpoint, monitor),
+                EarlyStoppingCallback(monitor=monitor, patience=patience), CSVLogger('history.csv')]
+    if resume: protocol.append(ResumeState(path/resume))
+    learn = SegLearner(dls, model, loss_func=loss_func, opt_func=AdamW, lr=lr, wd=wd, wd_bn_bias=True,
+                       metrics=metrics, path=path, model_dir='.', cbs=protocol + list(cbs or []))
     if not progress:
         learn.remove_cb(ProgressCallback)
         learn.logger = lambda *a, **k: None

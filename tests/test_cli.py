@@ -1,6 +1,7 @@
 "End-to-end: the `spseg` command as `make demo` runs it, on a small cohort."
-import json, subprocess, sys
+import json, shutil, subprocess, sys, time
 from pathlib import Path
+import numpy as np, pandas as pd, pytest, tifffile
 from spseg.data import list_tissues, load_tissue, CLASSES
 
 def run(*args, cwd=None):
@@ -8,15 +9,24 @@ def run(*args, cwd=None):
     return subprocess.run([sys.executable, '-c', code, *args], capture_output=True, text=True, cwd=cwd, timeout=600)
 
 def test_demo_end_to_end(tmp_path):
-    r = run('demo', '--out', str(tmp_path/'out'), '--n-tissues', '3', '--size', '400')
+    "The main job on 4 tissues of 240²: two runs, predictions of the held-out tissue, summary, figure; a rerun reuses all."
+    out = tmp_path/'out'
+    r = run('demo', '--out', str(out), '--n-tissues', '4', '--size', '240', '--epochs', '1')
     assert r.returncode == 0, r.stderr
-    assert 'all 3 tissues load and validate' in r.stdout
     for c in CLASSES: assert c in r.stdout
-    assert (tmp_path/'out'/'overview.png').stat().st_size > 10_000
-    rows = json.loads((tmp_path/'out'/'shares.json').read_text())
-    assert [r['class'] for r in rows] == CLASSES
-    assert abs(sum(r['cohort_pct'] for r in rows) - 100) < 1e-6
-    assert len(list_tissues(tmp_path/'out'/'cohort')) == 3
+    assert len(list_tissues(out/'cohort')) == 3 and len(list_tissues(out/'heldout')) == 1
+    summary = pd.read_csv(out/'summary.csv', index_col=0)
+    assert list(summary.index) == ['sp', 'he', 'majority class'] and {'mean Dice', 'bPQ', 'nuclei found'} <= set(summary)
+    for name in ('sp', 'he'):
+        check_outputs(out/'predictions'/name/'heldout_000')
+        m = json.loads((out/'runs'/name/'metrics.json').read_text())
+        assert {'mean_dice', 'binary_dice', 'hv_mse'} <= set(m)
+    assert (out/'demo.png').stat().st_size > 10_000
+    stamp = {p: p.stat().st_mtime_ns for p in out.rglob('*') if p.suffix in ('.pth', '.tif', '.parquet')}
+    r = run('demo', '--out', str(out), '--n-tissues', '4', '--size', '240', '--epochs', '1')
+    assert r.returncode == 0, r.stderr
+    assert 'epoch' not in r.stdout and stamp == {p: p.stat().st_mtime_ns for p in stamp}
+    assert pd.read_csv(out/'summary.csv', index_col=0).equals(summary)
 
 def test_cohort_command(tmp_path):
     r = run('cohort', str(tmp_path/'c'), '--n-tissues', '2', '--size', '200', '--seed', '3')
@@ -30,18 +40,16 @@ def test_no_command_is_an_error():
 
 
 # ---- spseg train / spseg predict on a tiny synthetic cohort ------------------------------------------------------
-import shutil, time
-import numpy as np, pandas as pd, pytest, tifffile
 from spseg.synthetic import make_cohort
 from spseg.cli import RUN_FILES, main
 from spseg.export import OUTPUT_FILES
 
 @pytest.fixture(scope='module')
 def job(tmp_path_factory):
-    "4 tissues of 240², a semantic and an instance run of 1 epoch, an unlabelled copy of the held-out tissue."
+    "4 tissues of 240², a semantic, an instance and a joint run of 1 epoch, an unlabelled copy of the held-out tissue."
     d = tmp_path_factory.mktemp('job')
     make_cohort(d/'cohort', n_tissues=4, size=240, seed=0, progress=False)
-    for task in ('semantic', 'instance'):
+    for task in ('semantic', 'instance', 'both'):
         r = run('train', str(d/'cohort'), '--out', str(d/task), '--task', task, '--epochs', '1')
         assert r.returncode == 0, r.stderr
     shutil.copytree(d/'cohort'/'tissue_003', d/'new', ignore=shutil.ignore_patterns('mask.tif', 'inst.tif'))
@@ -49,7 +57,9 @@ def job(tmp_path_factory):
 
 def check_outputs(d):
     "The five outputs of one tissue exist and name the same nuclei."
-    assert sorted(p.name for p in d.iterdir() if p.name != 'scores.json') == sorted(OUTPUT_FILES.values())
+    assert sorted(p.name for p in d.iterdir() if p.name not in ('scores.json', 'prediction.json')) == \
+        sorted(OUTPUT_FILES.values())
+    assert (d/'prediction.json').is_file()
     inst = tifffile.imread(d/'instances.ome.tif')
     feats = json.loads((d/'nuclei.geojson').read_text())['features']
     ids = sorted(f['properties']['id'] for f in feats)
@@ -57,7 +67,7 @@ def check_outputs(d):
     return ids
 
 def test_train_makes_a_run_folder(job):
-    for task in ('semantic', 'instance'):
+    for task in ('semantic', 'instance', 'both'):
         assert {p.name for p in (job/task).iterdir()} == set(RUN_FILES)
     assert not list(job.glob('.*.work'))
     m = json.loads((job/'semantic'/'metrics.json').read_text())
@@ -82,10 +92,59 @@ def test_predict_unlabelled_and_evaluate(job):
     m = json.loads((job/'semantic'/'metrics.json').read_text())
     assert abs(s['mean_dice'] - m['mean_dice']) < 1e-6      # the held-out tissue is the run's validation split
 
+def test_predict_rerun_skips_finished_tissues(job, tmp_path):
+    "A tissue whose `prediction.json` matches is not predicted again; another pixel size, or a cut run, is."
+    args = ('predict', str(job/'semantic'), str(job/'new'), '--out', str(tmp_path/'o'))
+    assert run(*args).returncode == 0
+    stamp = (tmp_path/'o'/'new'/'cells.parquet').stat().st_mtime_ns
+    r = run(*args)
+    assert r.returncode == 0 and 'done before' in r.stdout
+    assert (tmp_path/'o'/'new'/'cells.parquet').stat().st_mtime_ns == stamp
+    (tmp_path/'o'/'new'/'prediction.json').unlink()                  # as if cut before the end
+    r = run(*args)
+    assert 'done before' not in r.stdout and (tmp_path/'o'/'new'/'cells.parquet').stat().st_mtime_ns != stamp
+    r = run(*args, '--mpp', '0.5')
+    assert 'done before' not in r.stdout
+    assert json.loads((tmp_path/'o'/'new'/'prediction.json').read_text())['mpp'] == 0.5
+
 def test_predict_with_both_runs(job):
     r = run('predict', str(job/'semantic'), str(job/'instance'), str(job/'new'), '--out', str(job/'out2'))
     assert r.returncode == 0, r.stderr
     check_outputs(job/'out2'/'new')
+
+def test_predict_with_one_joint_run(job):
+    "A run of `--task both` alone gives typed nuclei: all three maps from one decoder."
+    m = json.loads((job/'both'/'metrics.json').read_text())
+    assert {'mean_dice', 'binary_dice', 'hv_mse'} <= set(m) and m['monitor']['name'] == 'valid_loss'
+    r = run('predict', str(job/'both'), str(job/'cohort'/'tissue_003'), '--out', str(job/'out3'), '--evaluate')
+    assert r.returncode == 0, r.stderr
+    check_outputs(job/'out3'/'tissue_003')
+    s = json.loads((job/'out3'/'tissue_003'/'scores.json').read_text())
+    assert abs(s['mean_dice'] - m['mean_dice']) < 1e-6      # the held-out tissue is the run's validation split
+
+def test_fusion_run_reads_both_images(job, tmp_path):
+    "`--encoder fusion`: one run on H&E and SP together; predicting a tissue without its H&E names the missing image."
+    r = run('train', str(job/'cohort'), '--out', str(tmp_path/'fusion'), '--encoder', 'fusion', '--task', 'both',
+            '--epochs', '1')
+    assert r.returncode == 0, r.stderr
+    assert json.loads((tmp_path/'fusion'/'config.json').read_text())['encoder'] == 'fusion'
+    r = run('predict', str(tmp_path/'fusion'), str(job/'new'), '--out', str(tmp_path/'o'))
+    assert r.returncode == 0, r.stderr
+    check_outputs(tmp_path/'o'/'new')
+    sp_only = shutil.copytree(job/'new', tmp_path/'sp_only', ignore=shutil.ignore_patterns('he.tif'))
+    r = run('predict', str(tmp_path/'fusion'), str(sp_only), '--out', str(tmp_path/'o'))
+    assert r.returncode == 2 and 'he' in r.stderr.splitlines()[-1] and str(sp_only) in r.stderr.splitlines()[-1]
+
+def test_embed_then_train_from_the_cache(job, tmp_path):
+    r = run('embed', str(job/'cohort'), '--out', str(tmp_path/'cache'))
+    assert r.returncode == 0, r.stderr
+    cache = Path(r.stdout.strip().splitlines()[-1])
+    assert cache.parent == tmp_path/'cache' and (cache/'manifest.json').is_file()
+    r = run('train', str(job/'cohort'), '--out', str(tmp_path/'run'), '--epochs', '1', '--cache', str(tmp_path/'cache'))
+    assert r.returncode == 0, r.stderr
+    assert json.loads((tmp_path/'run'/'metrics.json').read_text())['cache'] == str(cache)
+    assert json.loads((tmp_path/'run'/'metrics.json').read_text())['mean_dice'] == \
+        json.loads((job/'semantic'/'metrics.json').read_text())['mean_dice']       # same run, cache built apart
 
 def test_wrong_channel_count_exits_2(job, tmp_path):
     bad = shutil.copytree(job/'new', tmp_path/'bad')

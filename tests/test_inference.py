@@ -172,6 +172,33 @@ def test_no_seams_inside_and_plain_tiling_has_them(tissue, stats):
     assert seam[m:110, m:110].max() < 1e-5
 
 
+def seam_ratio(m, plan):
+    "Mean step between neighbouring pixels across the inner edges of the plan's boxes, over the mean step elsewhere."
+    r = []
+    for axis, col in ((1, 2), (2, 4)):
+        step = np.abs(np.diff(m, axis=axis)).mean(tuple(a for a in range(m.ndim) if a != axis))
+        at = np.isin(np.arange(len(step)), np.array(sorted(set(plan[:, col].tolist()) - {0})) - 1)
+        r.append((step[at].mean(), step[~at].mean()))
+    at, other = np.mean(r, 0)
+    return at / other
+
+
+def test_real_model_default_margin_is_seamless_against_more_context(tissue, stats):
+    "Tiny VirTues + decoder: margin 8 (default) agrees with margin 40 to 1e-4 and its box edges step like the rest."
+    cfg = preset_config('tiny')
+    enc = make_encoder(cfg)
+    torch.manual_seed(1)
+    model = EncoderDecoder(enc, decoder_for(enc, 'tiny', heads=dict(types=10, binary=2, hv=2), width=cfg.width)).eval()
+    ref = predict_tissue(model, tissue, stats, margin=40)
+    for m, seamless in ((None, True), (0, False)):
+        maps = predict_tissue(model, tissue, stats, bs=8) if m is None else predict_tissue(model, tissue, stats, margin=m)
+        plan = window_plan(250, 170) if m is None else window_plan(250, 170, 120, m)
+        for k in ('types', 'binary', 'hv'):
+            gap, r, r_ref = np.abs(maps[k] - ref[k]).max(), seam_ratio(maps[k], plan), seam_ratio(ref[k], plan)
+            if seamless: assert gap < 1e-4 and abs(r - r_ref) < 0.05, (k, gap, r, r_ref)
+            else: assert gap > 1e-3 and r > 2 * r_ref, (k, gap, r, r_ref)     # plain tiling: visible seams
+
+
 def test_real_model_pixels_come_from_the_window_whose_centre_holds_them(tissue, stats):
     cfg = preset_config('tiny')
     enc = make_encoder(cfg)
@@ -221,7 +248,8 @@ def test_typed_nuclei_finds_nuclei_cut_by_window_borders_whole(tissue, tmp_path)
     inst, table, tmap = compact
     assert np.array_equal(inst, full[0]) and np.array_equal(tmap, full[2]) and tmap.dtype == np.uint8
     assert (table['type'] == full[1]['type']).all() and (table['type_prob'] <= full[1]['type_prob'] + 2e-3).all()
-    seams = {104, 192}                                                 # kept-box edges of the 250-px side
+    seams = set(window_plan(250, 170)[:, 2].tolist()) - {0}             # kept-box edges of the 250-px side
+    assert seams == {112, 216}                                         # margin 8 by default
     cut = [i for i in np.unique(inst_gt) if i and (inst_gt == i).sum() >= 30
            and any(np.isin(np.nonzero(inst_gt == i)[a], [e - 1 for e in seams]).any()
                    and np.isin(np.nonzero(inst_gt == i)[a], list(seams)).any() for a in (0,))]
