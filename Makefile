@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 DEMO_OUT ?= demo_out
 export PATH := $(abspath $(BIN)):$(PATH)
 
-.PHONY: test demo venv export site bench
+.PHONY: test demo study venv export site bench
 
 $(STAMP): settings.ini setup.py
 	test -x $(BIN)/python || python3 -m venv $(VENV)
@@ -23,6 +23,12 @@ test: $(STAMP)
 
 demo: $(STAMP)
 	$(BIN)/spseg demo --out $(DEMO_OUT)
+
+# the study's Tables 2–8 at the tiny preset on a small synthetic cohort (resumable): results/tiny/
+STUDY_OUT ?= results/tiny
+study: $(STAMP)
+	$(BIN)/spseg cohort $(STUDY_OUT)/cohort --n-tissues 12 --size 480
+	$(BIN)/spseg study $(STUDY_OUT)/cohort --out $(STUDY_OUT)
 
 # after editing notebooks: library, clean notebooks, README
 export: $(STAMP)

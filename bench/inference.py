@@ -1,6 +1,6 @@
 """Whole-tissue inference benchmark: wall-clock and CPU time per stage, and peak memory, of one tissue end to end.
 
-    .venv/bin/python bench/inference.py [--sizes 1500 3000 6000] [--no-ome] [--bs 16] [--margin 8] [--threads 2]
+    .venv/bin/python bench/inference.py [--sizes 1500 3000 6000] [--no-ome] [--bs 4] [--margin 8] [--threads 1]
         [--wait-policy passive|active|unset] [--device cpu] [--preset tiny|paper] [--work DIR]
 
 Tissues: synthetic ones of 1500², 3000² and 6000² px (the 6000² one is the 3000² one repeated 2×2), uncompressed and
@@ -24,13 +24,15 @@ before and after, since other work on the machine slows the wall clock. Memory: 
 every 10 ms; the anonymous resident memory (`RssAnon`: the process's own allocations, not the pages of a memory-mapped
 input, which the kernel may drop) is reported when the tissue is open, at its peak while predicting, after predicting,
 and at its peak while post-processing and writing, beside the bytes of the maps. The working memory of prediction is
-the peak while predicting minus the memory at the start and the maps: flat, whatever the tissue's size.
+the peak while predicting minus the memory at the start and the maps: flat, whatever the tissue's size. `VmHWM` is the
+peak of all resident memory, memory-mapped input pages included.
 
-`--wait-policy` sets `OMP_WAIT_POLICY` in the subprocesses (it must be set before torch starts): `passive` (the
-default) lets a waiting OpenMP thread sleep, where the default spin-wait collapses the speed when other processes
-share the cores; `unset` leaves the environment as it is.
+`--threads` sets torch's CPU threads, 1 by default: where other processes share the cores, two OpenMP threads that
+spin while waiting for each other run many times slower than one. `--wait-policy` sets `OMP_WAIT_POLICY` in the
+subprocesses (before torch starts): `passive` (the default) lets a waiting thread sleep instead of spinning; `unset`
+leaves the environment as it is (OpenMP's default spin-wait).
 """
-import argparse, json, os, resource, subprocess, sys, tempfile, threading, time
+import argparse, json, os, subprocess, sys, tempfile, threading, time
 from pathlib import Path
 import numpy as np
 
@@ -103,11 +105,12 @@ class Memory(threading.Thread):
         super().__init__(daemon=True)
         self.period, self.phase, self.peak, self.done = period, 'start', {}, False
     @staticmethod
-    def anon():
+    def status(key='RssAnon'):
+        "The `key` line of `/proc/self/status`, in MiB."
         with open('/proc/self/status') as f:
-            return next(int(l.split()[1]) for l in f if l.startswith('RssAnon')) / 1024
+            return next(int(l.split()[1]) for l in f if l.startswith(key + ':')) / 1024
     def sample(self):
-        v = self.anon()
+        v = self.status()
         self.peak[self.phase] = max(self.peak.get(self.phase, 0.0), v)
         return v
     def enter(self, phase):
@@ -181,8 +184,9 @@ def one(path, sim, stats_path, bs, margin, device, threads, preset='tiny'):
     mem.done = True
     windows = len(window_plan(*tissue.shape, 120, margin))
     print(json.dumps(dict(path=str(path), size=tissue.shape[0], input=kind, windows=windows, nuclei=len(table),
-                          anon_ready=ready, anon_predict_peak=mem.peak['predict'], anon_after_predict=after, anon_post_peak=mem.peak['post'], outputs_mib=out_mib,
-                          maxrss=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, **timer)), flush=True)
+                          anon_ready=ready, anon_predict_peak=mem.peak['predict'], anon_after_predict=after,
+                          anon_post_peak=mem.peak['post'], outputs_mib=out_mib,
+                          vmhwm=mem.status('VmHWM'), **timer)), flush=True)
 
 
 def uptime():
@@ -209,11 +213,11 @@ def report(rows, args, before, after):
             print(f'{label(r):>9} {r["windows"]:>7} {r["nuclei"]:>6} '
                   + ' '.join(f'{r[h + suffix]:>11.1f}' for h in STAGES))
     print(f'\n{"tissue":>9} {"open MiB":>9} {"peak predicting":>16} {"after predict":>14} {"maps MiB":>9} '
-          f'{"working (peak - open - maps)":>29} {"peak post+write":>16} {"ru_maxrss":>10}   (anonymous resident MiB)')
+          f'{"working (peak - open - maps)":>29} {"peak post+write":>16} {"VmHWM":>10}   (resident MiB)')
     for r in rows:
         work = r['anon_predict_peak'] - r['anon_ready'] - r['outputs_mib']
         print(f'{label(r):>9} {r["anon_ready"]:>9.0f} {r["anon_predict_peak"]:>16.0f} {r["anon_after_predict"]:>14.0f} '
-              f'{r["outputs_mib"]:>9.0f} {work:>29.0f} {r["anon_post_peak"]:>16.0f} {r["maxrss"]:>10.0f}')
+              f'{r["outputs_mib"]:>9.0f} {work:>29.0f} {r["anon_post_peak"]:>16.0f} {r["vmhwm"]:>10.0f}')
     plain = [r for r in rows if r['input'] != 'TiffArray']
     if len(plain) > 1:
         a, b = plain[0], plain[-1]
@@ -226,9 +230,9 @@ def main():
     p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
     p.add_argument('--sizes', type=int, nargs='+', default=[1500, 3000, 6000])
     p.add_argument('--no-ome', dest='ome', action='store_false', help='skip the 3000² OME-TIFF tissue')
-    p.add_argument('--bs', type=int, default=16)
+    p.add_argument('--bs', type=int, default=4)
     p.add_argument('--margin', type=int, default=8)
-    p.add_argument('--threads', type=int, default=2)
+    p.add_argument('--threads', type=int, default=1)
     p.add_argument('--wait-policy', default='passive', choices=['passive', 'active', 'unset'])
     p.add_argument('--device', default='cpu')
     p.add_argument('--preset', default='tiny', choices=['tiny', 'paper'])

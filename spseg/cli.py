@@ -22,13 +22,14 @@ from .train import TASKS
 from .instance import instance_table, postprocess
 from .inference import load_run_model, predict_tissue, run_config, tile_model, typed_nuclei
 from .export import write_outputs
+from .study import agreement, run_study
 
 # %% auto #0
 __all__ = ['RUN_FILES', 'UNTYPED', 'DEMO_MODELS', 'shares_table', 'format_shares', 'sp_composite', 'site_notebook', 'site_pages',
            'site_config', 'doc_links', 'build_site', 'write_readme', 'train_config', 'finished_train', 'train', 'embed',
            'load_run', 'run_maps', 'nuclei_of', 'tissue_scores', 'split_runs', 'check_runs', 'prediction_record',
            'finished_prediction', 'predict_one', 'predict', 'demo_cohort', 'demo_predict', 'majority_scores',
-           'demo_summary', 'class_contours', 'read_prediction', 'demo_figure', 'demo', 'make_parser', 'main']
+           'demo_summary', 'class_contours', 'read_prediction', 'demo_figure', 'demo', 'study', 'make_parser', 'main']
 
 # %% ../nbs/09_cli.ipynb #8820901a
 def shares_table(shares):
@@ -239,10 +240,10 @@ def train(cohort, out, encoder='virtues', task='semantic', preset='tiny', epochs
     return json.loads((run/'metrics.json').read_text())
 
 # %% ../nbs/09_cli.ipynb #9532a7f3
-def embed(cohort, out, encoder='virtues', preset='tiny', weights=None, split='holdout', device=None, progress=False):
+def embed(cohort, out, encoder='virtues', preset='tiny', weights=None, split='holdout', device=None):
     "`spseg embed`: the encoder's states of the split's tiles of `cohort`, cached under `out`; the cache's folder."
     cfg = train_config(cohort, encoder, 'semantic', preset, None, weights, split)
-    return run_cache(cfg, out, device=device, progress=progress)[0].path
+    return run_cache(cfg, out, device=device)[0].path
 
 # %% ../nbs/09_cli.ipynb #51f0f2ca
 def load_run(run, device=None):
@@ -447,9 +448,18 @@ def demo(out='demo_out', n_tissues=6, size=1000, seed=0, epochs=None, device=Non
     _step(f'wrote {out/"summary.csv"} and {out/"demo.png"}', t0)
     return summary
 
+# %% ../nbs/09_cli.ipynb #8b06b50e
+def study(cohort, out, tables='2,3,4,5,6,7,8', preset='tiny', seeds=1, epochs=None, device=None):
+    "`spseg study`: run the `tables` (comma-separated numbers) on `cohort` into `out`; print the agreement sentences."
+    extra = {} if epochs is None else dict(epochs=epochs)
+    frames = run_study(Path(cohort).absolute(), out, [int(t) for t in str(tables).split(',')], preset, seeds, device,
+                       progress=True, **extra)
+    for n, df in frames.items(): print(f'Table {n}:\n  ' + '\n  '.join(agreement(df)))
+    return frames
+
 # %% ../nbs/09_cli.ipynb #92aa65f1
 def _add_jobs(sub):
-    "The `demo` and `cohort` subcommands."
+    "The `demo`, `study` and `cohort` subcommands."
     d = sub.add_parser('demo', help='the main job on a synthetic cohort: train SP and H&E models, predict a held-out '
                                     'tissue, write the outputs, summary table and figure')
     d.add_argument('--out', default='demo_out')
@@ -458,6 +468,14 @@ def _add_jobs(sub):
     d.add_argument('--seed', type=int, default=0)
     d.add_argument('--epochs', type=int, default=None, help="default: the tiny preset's share of 30")
     d.add_argument('--device', default=None)
+    s = sub.add_parser('study', help="the study's Tables 2–8 on a cohort, resumable: OUT/table<N>.csv and OUT/runs.csv")
+    s.add_argument('cohort')
+    s.add_argument('--out', required=True)
+    s.add_argument('--tables', default='2,3,4,5,6,7,8', help='comma-separated table numbers')
+    s.add_argument('--preset', choices=list(PRESETS), default='tiny')
+    s.add_argument('--seeds', type=int, default=1, help='seeds per configuration (seed 0 first)')
+    s.add_argument('--epochs', type=int, default=None, help="default: each table's epochs at the preset's scale")
+    s.add_argument('--device', default=None)
     c = sub.add_parser('cohort', help='write a synthetic cohort')
     c.add_argument('root')
     c.add_argument('--n-tissues', type=int, default=35)
@@ -527,13 +545,14 @@ def make_parser():
 def _dispatch(a):
     "Run the subcommand of the parsed arguments `a`."
     if a.cmd == 'demo': demo(a.out, a.n_tissues, a.size, a.seed, a.epochs, a.device)
+    elif a.cmd == 'study': study(a.cohort, a.out, a.tables, a.preset, a.seeds, a.epochs, a.device)
     elif a.cmd == 'cohort':
         paths = make_cohort(a.root, n_tissues=a.n_tissues, size=a.size, seed=a.seed)
         print('\n'.join(map(str, paths)))
     elif a.cmd == 'train':
         m = train(a.cohort, a.out, a.encoder, a.task, a.preset, a.epochs, a.weights, a.split, a.device, True, a.cache)
         print(f'{a.out}: ' + ', '.join(f'{k} {m[k]:.4f}' for k in ('mean_dice', 'binary_dice', 'hv_mse') if k in m))
-    elif a.cmd == 'embed': print(embed(a.cohort, a.out, a.encoder, a.preset, a.weights, a.split, a.device, True))
+    elif a.cmd == 'embed': print(embed(a.cohort, a.out, a.encoder, a.preset, a.weights, a.split, a.device))
     elif a.cmd == 'predict': predict(a.paths, a.out, a.evaluate, a.mpp, a.bs, a.device)
     elif a.cmd == 'site': print(build_site(a.out, a.nbs, a.quarto, a.n_workers)/'index.html')
     elif a.cmd == 'readme': print(write_readme(a.index, a.out))

@@ -250,7 +250,7 @@ def _resumable(cfg: RunConfig, work):
 
 # %% ../nbs/06a_experiments.ipynb #034dee1e
 def _work_folder(cfg: RunConfig, work):
-    "Make `work` the folder of a run of `cfg`: an interrupted run of `cfg` is kept (to resume), anything else replaced."
+    "Make `work` the folder of a run of `cfg`: an interrupted run of `cfg` is kept (to resume), anything else is not."
     if _resumable(cfg, work): return
     if work.exists(): shutil.rmtree(work)
     work.mkdir(parents=True)

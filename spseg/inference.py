@@ -141,7 +141,7 @@ def tile_model(model, encoder=None):
 def model_modalities(model):
     "The modalities `model` reads: its encoder's, or both for a model without an `encoder`."
     enc = getattr(model, 'encoder', None)
-    return (enc.modality,) if enc is not None else ('sp', 'he')
+    return tuple(enc.modalities) if enc is not None else ('sp', 'he')
 
 # %% ../nbs/08_inference.ipynb #e82db1fe
 @contextmanager
@@ -152,6 +152,16 @@ def _clock(timer, stage):
     if timer is None: return
     timer[stage] = timer.get(stage, 0.0) + time.perf_counter() - t0
     timer[f'{stage}_cpu'] = timer.get(f'{stage}_cpu', 0.0) + time.process_time() - c0
+
+# %% ../nbs/08_inference.ipynb #3d78afd5
+@contextmanager
+def _torch_threads(n=None):
+    "Run the block with `n` CPU threads in torch (its setting if None), then restore the setting."
+    old = torch.get_num_threads()
+    if n is not None: torch.set_num_threads(n)
+    try: yield
+    finally:
+        if n is not None: torch.set_num_threads(old)
 
 # %% ../nbs/08_inference.ipynb #6cdc9fb9
 def _reduce(out, argmax=()):
@@ -174,21 +184,23 @@ def _stitch(maps, out, plan, shape):
 
 # %% ../nbs/08_inference.ipynb #3687542a
 @torch.inference_mode()
-def predict_tissue(model, tissue, stats=None, tile=120, margin=8, bs=16, device=None, heads=None, argmax=(),
-                   raw=('hv',), p99=None, timer=None):
+def predict_tissue(model, tissue, stats=None, tile=120, margin=8, bs=4, device=None, heads=None, argmax=(),
+                   raw=('hv',), p99=None, timer=None, threads=None):
     "`{head: map}` of `tissue` from overlapping windows, each giving its centre; `argmax` heads as class + probability."
     model.eval()
     device, mods = device or next(model.parameters(), torch.zeros(0)).device, model_modalities(model)
     norm = tissue_norm(tissue, stats, p99) if 'sp' in mods and tissue.sp_raw is not None else None
     missing = [m for m in mods if m not in tissue.modalities]
-    if missing and len(mods) == 1: raise ValueError(f'{tissue.path}: the model reads {missing[0]}, the tissue has none')
+    if missing and getattr(model, 'encoder', None) is not None:        # a model with its encoder needs its images
+        raise ValueError(f'{tissue.path}: the model reads {" and ".join(mods)}, the tissue has no {missing[0]}')
     plan, maps = window_plan(*tissue.shape, tile, margin), {}
-    for b in range(0, len(plan), bs):
-        with _clock(timer, 'read'): sp, he = read_windows(tissue, plan[b:b + bs, :2], tile, norm, mods)
-        with _clock(timer, 'model'):
-            out = {k: v for k, v in model(sp.to(device), he.to(device)).items() if heads is None or k in heads}
-            out = {k: v.cpu().numpy() for k, v in _reduce(activate(out, raw), argmax).items()}
-        with _clock(timer, 'stitch'): _stitch(maps, out, plan[b:b + bs], tissue.shape)
+    with _torch_threads(threads):
+        for b in range(0, len(plan), bs):
+            with _clock(timer, 'read'): sp, he = read_windows(tissue, plan[b:b + bs, :2], tile, norm, mods)
+            with _clock(timer, 'model'):
+                out = {k: v for k, v in model(sp.to(device), he.to(device)).items() if heads is None or k in heads}
+                out = {k: v.cpu().numpy() for k, v in _reduce(activate(out, raw), argmax).items()}
+            with _clock(timer, 'stitch'): _stitch(maps, out, plan[b:b + bs], tissue.shape)
     flat = {a for k in argmax for a in (k, f'{k}_prob')}
     return {k: v[0] if k in flat else v for k, v in maps.items()}
 

@@ -136,8 +136,12 @@ class LRLog(Metric):
 
 # %% ../nbs/06_train.ipynb #d651f023
 class SegLearner(Learner):
-    "A fastai `Learner` whose `fit` starts at epoch `first_epoch` (set by `ResumeState`); earlier ones are not entered."
-    first_epoch = 0
+    "A fastai `Learner` whose `fit` starts at epoch `first_epoch` (set by `ResumeState`), with `fitting` set during it."
+    first_epoch, fitting = 0, False
+    def fit(self, *args, **kwargs):
+        self.fitting = True
+        try: super().fit(*args, **kwargs)
+        finally: self.fitting = False
     def _do_fit(self):
         for epoch in range(self.first_epoch, self.n_epoch):
             self.epoch = epoch
@@ -184,22 +188,22 @@ def _history(learn):
 class ResumeState(Callback):
     "Save all that the next epoch depends on to `fname` after every epoch; when `fit` starts, restore it and go on."
     order = 70   # after the recorder, the CSV log and the trackers: their `before_fit` resets, their epoch is counted
-    def __init__(self, fname): self.fname, self.fitting = Path(fname), False
+    def __init__(self, fname): self.fname = Path(fname)
     def after_epoch(self):
-        if not self.fitting: return      # `learn.validate()` runs the epoch events too
+        if not self.learn.fitting: return      # the events of a `validate` or `get_preds`, not an epoch of a fit
         st = dict(epochs_done=self.epoch + 1, model=self.model.state_dict(), opt=self.opt.state_dict(),
                   cbs=_cb_state(self.learn), rng=rng_state(self.learn), history=_history(self.learn))
         atomic_torch_save(st, self.fname)
-    def after_fit(self): self.fitting, self.learn.first_epoch = False, 0
+    def after_fit(self): self.learn.first_epoch = 0
 
 # %% ../nbs/06_train.ipynb #773bb2c7
 @patch
 def before_fit(self: ResumeState):
     "Restore the saved state, if any, and make the learner start at the epoch after it."
     if not isinstance(self.learn, SegLearner): raise TypeError('ResumeState needs a SegLearner (to skip epochs)')
-    self.fitting, self.learn.first_epoch = True, 0
-    if self.fname.exists(): self.learn.first_epoch = self.restore(torch.load(self.fname, map_location='cpu',
-                                                                              weights_only=False))
+    self.learn.first_epoch = 0
+    if not (self.learn.fitting and self.fname.exists()): return
+    self.learn.first_epoch = self.restore(torch.load(self.fname, map_location='cpu', weights_only=False))
 
 # %% ../nbs/06_train.ipynb #b566b5ef
 @patch

@@ -34,6 +34,14 @@ def test_cohort_command(tmp_path):
     paths = list_tissues(tmp_path/'c')
     assert len(paths) == 2 and load_tissue(paths[1]).shape == (200, 200)
 
+def test_study_command(tmp_path):
+    "`spseg study` on 5 small tissues, Table 3 at one epoch: its CSV, the runs table, the agreement sentence."
+    make_cohort(tmp_path/'c', n_tissues=5, size=120, seed=0, progress=False)
+    r = run('study', str(tmp_path/'c'), '--out', str(tmp_path/'s'), '--tables', '3', '--epochs', '1')
+    assert r.returncode == 0, r.stderr
+    assert (tmp_path/'s'/'table3.csv').is_file() and (tmp_path/'s'/'runs.csv').is_file()
+    assert 'Table 3:' in r.stdout
+
 def test_no_command_is_an_error():
     r = run()
     assert r.returncode == 2 and 'required' in r.stderr
@@ -120,7 +128,9 @@ def test_predict_with_one_joint_run(job):
     assert r.returncode == 0, r.stderr
     check_outputs(job/'out3'/'tissue_003')
     s = json.loads((job/'out3'/'tissue_003'/'scores.json').read_text())
-    assert abs(s['mean_dice'] - m['mean_dice']) < 1e-6      # the held-out tissue is the run's validation split
+    # the held-out tissue is the run's validation split: the same score, but for pixels whose two best classes are
+    # tied to float rounding (other batches, other windows): a few pixels of 57,600 move the mean Dice by ~1e-5
+    assert abs(s['mean_dice'] - m['mean_dice']) < 1e-4
 
 def test_fusion_run_reads_both_images(job, tmp_path):
     "`--encoder fusion`: one run on H&E and SP together; predicting a tissue without its H&E names the missing image."

@@ -1,10 +1,11 @@
 "Run configs, results folders and grids of `spseg.experiments` on a tiny synthetic cohort."
-import json, math, warnings
+import json, math, shutil, warnings
 import numpy as np, pytest, torch
 warnings.filterwarnings('ignore', message='`torch.jit.script` is deprecated')
 from spseg.data import IGNORE_INDEX, N_CLASSES
 from spseg.synthetic import make_cohort
 from spseg.metrics import per_class_dice
+from fastai.callback.core import Callback
 from spseg.train import DecoderOnStates, EncoderDecoder
 import spseg.experiments as E
 from spseg.experiments import (RunConfig, preset_config, make_encoder, make_decoder, make_model, run_experiment,
@@ -100,6 +101,53 @@ def test_interrupted_run_is_redone(cohort, tmp_path):
     (partial/'junk').write_text('x')
     run_experiment(cfg, tmp_path/'runs', cache_dir=tmp_path/'caches')
     assert not partial.exists() and (tmp_path/'runs'/cfg.run_name/'metrics.json').is_file()
+
+
+class Crash(Exception): pass
+
+
+class CrashAt(Callback):
+    "Raise `Crash` at the first training batch of epoch `epoch`."
+    def __init__(self, epoch): self.epoch_ = epoch
+    def after_batch(self):
+        if self.training and self.iter == 0 and self.epoch == self.epoch_: raise Crash('crash')
+
+
+class Epochs(Callback):
+    "The epochs the fits of the learners built while it is installed enter."
+    seen = []
+    def before_epoch(self): Epochs.seen.append(self.epoch)
+
+
+def _with_cbs(monkeypatch, *cbs):
+    "Make `run_experiment`'s learners carry the extra callbacks `cbs`."
+    learner = E.seg_learner
+    def with_cbs(*a, **k): return learner(*a, **{**k, 'cbs': list(k.get('cbs') or []) + list(cbs)})
+    monkeypatch.setattr(E, 'seg_learner', with_cbs)
+
+
+def test_partial_run_of_the_same_config_is_resumed(cohort, tmp_path, monkeypatch):
+    cfg = preset_config('tiny', name='res', root=str(cohort), epochs=2, patience=2, gamma=0.45, augment=True)
+    whole = run_experiment(cfg, tmp_path/'a', cache_dir=tmp_path/'caches')
+    with monkeypatch.context() as m:
+        _with_cbs(m, CrashAt(1))
+        with pytest.raises(Crash): run_experiment(cfg, tmp_path/'b', cache_dir=tmp_path/'caches')
+    partial = tmp_path/'b'/f'.{cfg.run_name}.partial'
+    assert torch.load(partial/E.RESUME_FILE, weights_only=False)['epochs_done'] == 1
+    Epochs.seen = []
+    _with_cbs(monkeypatch, Epochs())
+    res = run_experiment(cfg, tmp_path/'b', cache_dir=tmp_path/'caches')
+    assert Epochs.seen == [1]                                     # resumed, not started over
+    assert {k: v for k, v in res.items() if k != 'seconds'} == {k: v for k, v in whole.items() if k != 'seconds'}
+    assert not partial.exists() and not (tmp_path/'b'/cfg.run_name/E.RESUME_FILE).exists()
+    # a .partial folder of another config (here: the same name and hash folder, another seed) is started over
+    other = tmp_path/'c'/f'.{cfg.run_name}.partial'
+    shutil.copytree(tmp_path/'b'/cfg.run_name, other)
+    (other/'config.json').write_text(RunConfig(**{**cfg.__dict__, 'seed': 9}).to_json())
+    (other/'junk').write_text('x')
+    Epochs.seen = []
+    assert run_experiment(cfg, tmp_path/'c', cache_dir=tmp_path/'caches')['mean_dice'] == whole['mean_dice']
+    assert Epochs.seen == [0, 1] and not (tmp_path/'c'/cfg.run_name/'junk').exists()
 
 
 @pytest.mark.parametrize('kw', [dict(task='instance'), dict(encoder='cellvit'),

@@ -172,6 +172,16 @@ def test_no_seams_inside_and_plain_tiling_has_them(tissue, stats):
     assert seam[m:110, m:110].max() < 1e-5
 
 
+def test_threads_apply_to_the_call_only_and_change_no_number(tissue, stats):
+    conv, before = Convs(), torch.get_num_threads()
+    seen = []
+    conv.register_forward_hook(lambda *_: seen.append(torch.get_num_threads()))
+    one = predict_tissue(conv, tissue, stats, threads=1)
+    assert set(seen) == {1} and torch.get_num_threads() == before
+    default = predict_tissue(conv, tissue, stats)
+    assert all(np.allclose(one[k], default[k], atol=1e-5) for k in default)
+
+
 def seam_ratio(m, plan):
     "Mean step between neighbouring pixels across the inner edges of the plan's boxes, over the mean step elsewhere."
     r = []

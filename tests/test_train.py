@@ -214,3 +214,106 @@ def test_cached_dls_weighted_and_shuffled(cache_setup):
         dls = cached_dls(ds, ds.take(range(4)), bs=3, gamma=gamma, seed=2)
         b = dls.one_batch()
         assert len(b) == 9 and dls.train.n_inp == 6 and b[0].shape == (3, 16, 120, 120)
+
+
+# ---- resuming: `ResumeState` saves after every epoch; a new learner given its file continues the fit exactly
+class Crash(Exception): pass
+
+
+class CrashAt(Callback):
+    "Raise `Crash` at training batch `it` of epoch `epoch`, as a crash would end the process."
+    def __init__(self, epoch, it=0): self.at = (epoch, it)
+    def after_batch(self):
+        if self.training and (self.epoch, self.iter) == self.at: raise Crash('crash')
+
+
+class Jitter(Callback):
+    "Noise on the inputs from the callback's own generator (as `PairedAugment` draws its elements)."
+    def __init__(self, seed=0): self.generator = torch.Generator().manual_seed(seed)
+    def before_batch(self):
+        x = self.learn.xb[0]
+        self.learn.xb = (x + 0.5 * torch.randn(x.shape, generator=self.generator),)
+
+
+class ByEpoch(Metric):
+    "A scripted 'Dice' indexed by the epoch (a metric that holds no state across epochs)."
+    def __init__(self, values): self.values, self.epoch = values, 0
+    def reset(self): pass
+    def accumulate(self, learn): self.epoch = learn.epoch
+    @property
+    def value(self): return self.values[self.epoch]
+    @property
+    def name(self): return 'mean_dice'
+
+
+class Epochs(Callback):
+    "The epochs a fit enters."
+    def before_fit(self): self.seen = []
+    def before_epoch(self): self.seen.append(self.epoch)
+
+
+def _fit_state(learn):
+    hist = (learn.path/'history.csv').read_text().splitlines()
+    return (learn.recorder.values, [float(l) for l in learn.recorder.losses], [h.rsplit(',', 1)[0] for h in hist],
+            learn.cbs.filter(lambda c: isinstance(c, BestCheckpoint))[0].best_epoch)
+
+
+@pytest.mark.parametrize('crash_epoch', [1, 3])
+def test_resume_equals_the_uninterrupted_fit(tmp_path, crash_epoch):
+    kw = dict(resume='resume.pth', patience=100)
+    whole = toy_learner(tmp_path/'whole', cbs=[Jitter()], **kw)
+    whole.fit(5, 1e-2)
+    with pytest.raises(Crash): toy_learner(tmp_path/'run', cbs=[Jitter(), CrashAt(crash_epoch, 1)], **kw).fit(5, 1e-2)
+    assert torch.load(tmp_path/'run'/'resume.pth', weights_only=False)['epochs_done'] == crash_epoch
+    seen = Epochs()
+    # another seed for the jitter and for the loader's order: the saved states replace both
+    resumed = toy_learner(tmp_path/'run', cbs=[Jitter(seed=1), seen], **kw)
+    resumed.dls.train.rng.seed(7)
+    resumed.fit(5, 1e-2)
+    assert seen.seen == list(range(crash_epoch, 5))
+    assert _fit_state(resumed) == _fit_state(whole)
+    a, b = resumed.model.state_dict(), whole.model.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_resume_keeps_early_stopping_and_the_best_epoch(tmp_path):
+    dice = [.2, .6, .4, .5, .3, .1, .1, .1, .1, .1]       # best at 1; patience 3 stops after epoch 4
+    kw = dict(resume='resume.pth', patience=3)
+    whole = toy_learner(tmp_path/'whole', metrics=[ByEpoch(dice)], **kw)
+    whole.fit(10, 1e-2)
+    with pytest.raises(Crash):
+        toy_learner(tmp_path/'run', metrics=[ByEpoch(dice)], cbs=[CrashAt(3)], **kw).fit(10, 1e-2)
+    seen = Epochs()
+    resumed = toy_learner(tmp_path/'run', metrics=[ByEpoch(dice)], cbs=[seen], **kw)
+    resumed.fit(10, 1e-2)
+    assert seen.seen == [3, 4] and len(resumed.recorder.values) == 5
+    assert _fit_state(resumed) == _fit_state(whole) and _fit_state(whole)[-1] == 1
+    a, b = resumed.model.state_dict(), whole.model.state_dict()      # the best epoch's weights, loaded back
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    # the state of a fit that ended early says 4 epochs: the stopping epoch is not saved, a rerun repeats it
+    assert torch.load(tmp_path/'run'/'resume.pth', weights_only=False)['epochs_done'] == 4
+    again = toy_learner(tmp_path/'run', metrics=[ByEpoch(dice)], **kw)
+    again.fit(10, 1e-2)
+    assert _fit_state(again) == _fit_state(whole)
+
+
+def test_resume_state_of_a_finished_fit_runs_no_epoch(tmp_path):
+    learn = toy_learner(tmp_path, resume='resume.pth', patience=100)
+    learn.fit(3, 1e-2)
+    before = _fit_state(learn)
+    learn.validate()                                    # the epoch events of a validation save nothing
+    assert torch.load(tmp_path/'resume.pth', weights_only=False)['epochs_done'] == 3
+    seen = Epochs()
+    again = toy_learner(tmp_path, resume='resume.pth', patience=100, cbs=[seen])
+    again.fit(3, 1e-2)
+    assert seen.seen == [] and _fit_state(again) == before
+    a, b = again.model.state_dict(), learn.model.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not list(tmp_path.glob('.*'))               # no temporary file left by the per-epoch saves
+
+
+def test_resume_state_needs_a_seg_learner(tmp_path):
+    from fastai.learner import Learner
+    from spseg.train import ResumeState
+    learn = Learner(toy_dls(), TinySeg(), ce, path=tmp_path, cbs=[ResumeState(tmp_path/'r.pth')])
+    with pytest.raises(TypeError, match='SegLearner'): learn.fit(1)
