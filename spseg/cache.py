@@ -4,20 +4,20 @@
 
 # %% ../nbs/01c_cache.ipynb #fd208208
 from __future__ import annotations
-import json, os, warnings
+import json, os, sys, warnings
 from dataclasses import asdict
 from pathlib import Path
 import numpy as np, torch
 from fastcore.basics import patch
-from .core import atomic_write_json, digest, jsonable, short_hash
+from .core import Precision, atomic_write_json, bf16_cosine, choose_precision, digest, jsonable, short_hash
 from .data import TileDataset
 
 # %% auto #0
-__all__ = ['CACHE_FORMAT', 'weights_hash', 'cache_manifest', 'CacheMismatch', 'EmbeddingCache', 'build_cache',
-           'cache_bytes_per_tissue']
+__all__ = ['CACHE_FORMAT', 'weights_hash', 'embedding_precision', 'cache_manifest', 'CacheMismatch', 'EmbeddingCache',
+           'build_cache', 'cache_bytes_per_tissue']
 
 # %% ../nbs/01c_cache.ipynb #cf57c605
-CACHE_FORMAT = 2   # 2: the manifest records modality, input_scale and patch_size, read from the encoder
+CACHE_FORMAT = 3   # 2: modality, input_scale and patch_size, read from the encoder; 3: compute (bf16 or float32)
 
 def _tensor_bytes(model):
     "Name, dtype and shape, then the raw bytes, of every parameter and buffer of `model`, sorted by name."
@@ -44,14 +44,36 @@ def _normalisation(encoder, stats):
     "The normalisation of every image `encoder` reads: the table's entry for each of its parts, merged."
     return {k: v for m, part in encoder.parts.items() for k, v in _NORMALISATION[m](part, stats).items()}
 
+# %% ../nbs/01c_cache.ipynb #5c18713d
+_PRECISIONS = {}
+
+def _states_cosine(encoder, device, tile, n=2, seed=0):
+    "Worst per-token cosine between `encoder`'s states of a fixed random batch of `n` tiles, float32 vs bf16."
+    g = torch.Generator().manual_seed(seed)
+    x = {m: torch.randn(n, p.in_chans, tile, tile, generator=g).to(device) for m, p in encoder.parts.items()}
+    was = encoder.training
+    try: return bf16_cosine(lambda: encoder.eval().states(**x), device, dim=2)
+    finally: encoder.train(was)
+
+# %% ../nbs/01c_cache.ipynb #2a02ace8
+def embedding_precision(encoder, amp=None, tile=120, weights=None) -> Precision:
+    "bf16 or float32 for `encoder` on its device: forced by `amp`, else chosen once per process (`weights`: its hash)."
+    if amp is not None: return choose_precision(amp)
+    device = next(encoder.parameters()).device
+    key = (type(encoder).__name__, repr(encoder.cfg), weights or weights_hash(encoder), str(device), tile)
+    if key not in _PRECISIONS:
+        p = _PRECISIONS[key] = choose_precision(None, device, lambda: _states_cosine(encoder, device, tile))
+        print(f'spseg: {type(encoder).__name__} on {device} runs in {p.dtype} ({p.why})', file=sys.stderr)
+    return _PRECISIONS[key]
+
 # %% ../nbs/01c_cache.ipynb #9480d2d7
-def cache_manifest(encoder, stats=None, tile=120, edge='pad'):
+def cache_manifest(encoder, stats=None, tile=120, edge='pad', amp=None):
     "The manifest of a cache of `encoder`'s outputs: every field that changes the cached numbers."
-    grid = encoder.token_grid(tile)
+    grid, wh = encoder.token_grid(tile), weights_hash(encoder)
     m = dict(format=CACHE_FORMAT, encoder=type(encoder).__name__, modality=encoder.modality,
              input_scale=encoder.input_scale, patch_size=encoder.patch_size, config=asdict(encoder.cfg),
-             weights_hash=weights_hash(encoder), normalisation=_normalisation(encoder, stats),
-             tile=tile, edge=edge, dtype='float16', states=encoder.state_names,
+             weights_hash=wh, normalisation=_normalisation(encoder, stats), tile=tile, edge=edge, dtype='float16',
+             compute=embedding_precision(encoder, amp, tile, wh).dtype, states=encoder.state_names,
              shape=[len(encoder.state_names), encoder.embed_dim, grid, grid])
     return jsonable(m)
 
@@ -114,17 +136,18 @@ def _open_partial(part, prog, shape):
     return np.lib.format.open_memmap(part, mode='w+', dtype=np.float16, shape=shape), 0
 
 # %% ../nbs/01c_cache.ipynb #b24c1b71
-def _cache_tissue(out, tpath, encoder, stats, man, bs, device, amp, progress):
+def _cache_tissue(out, tpath, encoder, stats, man, bs, device, progress):
     "Encode every tile of the tissue folder `tpath` into `out/<id>.npy`, resuming a partial file."
     tid = Path(tpath).name
     final, part, prog = out/f'{tid}.npy', out/f'{tid}.partial.npy', out/f'{tid}.progress.json'
     if final.exists(): return
     ds = TileDataset([tpath], stats, tile=man['tile'], edge=man['edge'], margin=0)
     arr, start = _open_partial(part, prog, (len(ds), *man['shape']))
+    bf16 = man['compute'] == 'bfloat16'
     for b0 in range(start, len(ds), bs):
         items = [ds.read(i) for i in range(b0, min(b0 + bs, len(ds)))]
         sp, he = (torch.from_numpy(np.stack([it[k] for it in items])).to(device) for k in (0, 1))
-        with torch.inference_mode(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+        with torch.inference_mode(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
             s = encoder.states(sp=sp, he=he)
         arr[b0:b0 + len(items)] = s.float().cpu().numpy().astype(np.float16)
         arr.flush()
@@ -160,11 +183,10 @@ def build_cache(out, tissues, encoder, stats=None, bs=8, tile=120, edge='pad', d
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     device = torch.device(device or ('cuda' if torch.cuda.is_available() else 'cpu'))
-    amp = device.type == 'cuda' if amp is None else amp
     encoder = encoder.to(device).eval()
-    man = cache_manifest(encoder, stats, tile, edge)
+    man = cache_manifest(encoder, stats, tile, edge, amp)              # amp None: bf16 where faster and faithful
     _use_manifest(out, man, on_mismatch)
-    for p in tissues: _cache_tissue(out, p, encoder, stats, man, bs, device, amp, progress)
+    for p in tissues: _cache_tissue(out, p, encoder, stats, man, bs, device, progress)
     return EmbeddingCache(out)
 
 # %% ../nbs/01c_cache.ipynb #f5a105e0

@@ -119,13 +119,16 @@ def _virtues_config(sd, path):
                          prior_dim=prior, patch=int(round(sd['patch_encoder.weight'].shape[1] ** .5)))
 
 # %% ../nbs/01a_checkpoints.ipynb #a770d004
-def _marker_rows(sd, meta, path, esm_dir, marker_names, uniprot, prior_dim):
+def _marker_rows(sd, meta, path, esm_dir, marker_names, uniprot, prior_dim, random_markers=False):
     "`(marker_names, esm or None)`; puts the learned table (from the file, or random) into `sd` when there is no ESM."
     learned = sd.pop('marker_embedding', None)
     if esm_dir is not None: return marker_names, load_esm_embeddings(esm_dir, marker_names, uniprot, prior_dim)
     if learned is not None:
         sd['marker_embedding'] = learned
         return json.loads(meta.get('marker_names', json.dumps(list(marker_names)))), None
+    if not random_markers:
+        raise CheckpointError(path, 'no ESM marker embeddings given (esm_dir) and no learned marker table in the file; '
+                                    'pass the ESM directory, or random_markers=True to accept random marker identity')
     warnings.warn(f'{path}: no ESM embeddings given (esm_dir) and no learned marker table in the file: '
                   'marker identity is random')
     sd['marker_embedding'] = torch.randn(len(marker_names), prior_dim)
@@ -144,13 +147,15 @@ def _check_rope(model, path, base):
         raise CheckpointError(path, f'RoPE tables differ from ours (another rotation convention?): {keys}')
 
 # %% ../nbs/01a_checkpoints.ipynb #4afebfc5
-def load_virtues(path, esm_dir=None, marker_names=MARKERS, uniprot=MARKER_UNIPROT, cfg=None) -> VirTuesEncoder:
+def load_virtues(path, esm_dir=None, marker_names=MARKERS, uniprot=MARKER_UNIPROT, cfg=None,
+                 random_markers=False) -> VirTuesEncoder:
     "VirTues encoder from a `model.safetensors` with the official key names (MAE decoder keys ignored)."
     sd, meta = read_safetensors(path)
     sd = {virtues_key(k): v for k, v in sd.items() if virtues_key(k) is not None}
     if not sd: raise CheckpointError(path, 'no encoder keys (expected keys starting with "encoder.")')
     cfg = _virtues_config(sd, path) if cfg is None else _config(VIRTUES_PRESETS, cfg)
-    marker_names, esm = _marker_rows(sd, meta, path, esm_dir, marker_names, uniprot, cfg.prior_dim)
+    marker_names, esm = _marker_rows(sd, meta, path, esm_dir, marker_names, uniprot, cfg.prior_dim,
+                                      random_markers)
     fixed = None if esm is None else torch.zeros(esm.shape)
     model = _fill(lambda: VirTuesEncoder(cfg, marker_names, esm=fixed), sd, path, official_virtues_key)
     if esm is not None: model.register_buffer('marker_prior', esm, persistent=False)

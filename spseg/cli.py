@@ -18,7 +18,8 @@ from .data import DataError, SPStats, instances_from_mask, sp_stats
 from .metrics import confusion, mean_dice, per_class_dice, scores, tissue_counts
 from .checkpoints import CheckpointError
 from .experiments import ENCODERS, PRESETS, RunConfig, make_encoder, preset_config, run_cache, run_experiment, task_heads
-from .train import TASKS
+from fastai.torch_core import rank_distrib, num_distrib, distrib_barrier
+from .train import TASKS, build_split_cache, on_rank0, process_group, rank_device, rank_share
 from .instance import instance_table, postprocess
 from .inference import load_run_model, predict_tissue, run_config, tile_model, typed_nuclei
 from .export import write_outputs
@@ -196,14 +197,16 @@ def write_readme(index='nbs/index.ipynb', out='README.md'):
 RUN_FILES = ('config.json', 'best.pth', 'history.csv', 'sp_stats.json', 'metrics.json')   # written in this order
 
 # %% ../nbs/09_cli.ipynb #4377ce28
-def train_config(cohort, encoder='virtues', task='semantic', preset='tiny', epochs=None, weights=None, split='holdout'):
-    "The `RunConfig` that `spseg train` runs on the cohort folder `cohort`."
+def train_config(cohort, encoder='virtues', task='semantic', preset='tiny', epochs=None, weights=None, split='holdout',
+                 bs=None):
+    "The `RunConfig` that `spseg train` runs on the cohort folder `cohort` (`bs`: the preset's batch if None)."
     root = Path(cohort).absolute()
     if not list_tissues(root): raise DataError(root, 'no labelled tissue folders (with mask.tif) in the cohort')
     if weights is not None and not Path(weights).is_file(): raise FileNotFoundError(f'{weights}: no such weights file')
     if epochs is None: epochs = max(1, round(30 * PRESETS[preset]['epoch_scale']))
     return preset_config(preset, name=f'{task}-{encoder}', root=str(root), task=task, encoder=encoder, epochs=epochs,
-                         encoder_weights=str(Path(weights).absolute()) if weights else None, split=split)
+                         encoder_weights=str(Path(weights).absolute()) if weights else None, split=split,
+                         **({} if bs is None else dict(bs=bs)))
 
 # %% ../nbs/09_cli.ipynb #26483c5c
 def finished_train(cfg, run):
@@ -225,25 +228,32 @@ def _weights_copy(run, cfg):
 
 # %% ../nbs/09_cli.ipynb #5e9772b3
 def train(cohort, out, encoder='virtues', task='semantic', preset='tiny', epochs=None, weights=None, split='holdout',
-          device=None, progress=False, cache=None):
-    "Train one run on `cohort` and make `out` its self-contained run folder; return its metrics (reused if done).\n    The encoder's states are cached in `cache` (kept; see `embed`), or in a work folder removed at the end."
-    cfg, run = train_config(cohort, encoder, task, preset, epochs, weights, split), Path(out)
-    if finished_train(cfg, run): return json.loads((run/'metrics.json').read_text())
-    work = run.parent/f'.{run.name}.work'
-    run_experiment(cfg, work, cache_dir=cache or work/'caches', device=device, progress=progress)
-    done, (train_ids, _) = work/cfg.run_name, split_tissues([p.name for p in list_tissues(cfg.root)], cfg.split)
-    if cfg.encoder_weights: atomic_write_bytes(_weights_copy(run, cfg), _chunks(cfg.encoder_weights))
-    for f in RUN_FILES:
-        if f == 'sp_stats.json': sp_stats(cfg.root, train_ids).save(run/f)
-        else: atomic_write_bytes(run/f, _chunks(done/f))
-    shutil.rmtree(work)
-    return json.loads((run/'metrics.json').read_text())
+          device=None, progress=False, cache=None, bs=None):
+    "Train one run on `cohort` and make `out` its self-contained run folder; return its metrics (reused if done).\n    The encoder's states are cached in `cache` (kept; see `embed`), or in a work folder removed at the end.\n    Under torchrun: data-parallel over the processes (`bs` is the batch of one step over all); rank 0 writes."
+    cfg, run = train_config(cohort, encoder, task, preset, epochs, weights, split, bs), Path(out)
+    with process_group(device):
+        if not on_rank0(finished_train, cfg, run):
+            work = run.parent/f'.{run.name}.work'
+            run_experiment(cfg, work, cache_dir=cache or work/'caches', device=device, progress=progress)
+            if rank_distrib() == 0:
+                done, (train_ids, _) = work/cfg.run_name, split_tissues([p.name for p in list_tissues(cfg.root)], cfg.split)
+                if cfg.encoder_weights: atomic_write_bytes(_weights_copy(run, cfg), _chunks(cfg.encoder_weights))
+                for f in RUN_FILES:
+                    if f == 'sp_stats.json': sp_stats(cfg.root, train_ids).save(run/f)
+                    else: atomic_write_bytes(run/f, _chunks(done/f))
+                shutil.rmtree(work)
+        return on_rank0(lambda: json.loads((run/'metrics.json').read_text()))
 
 # %% ../nbs/09_cli.ipynb #9532a7f3
 def embed(cohort, out, encoder='virtues', preset='tiny', weights=None, split='holdout', device=None):
-    "`spseg embed`: the encoder's states of the split's tiles of `cohort`, cached under `out`; the cache's folder."
+    "`spseg embed`: the encoder's states of the split's tiles of `cohort`, cached under `out`; the cache's folder.\n    Under torchrun the tissues are shared out over the processes, each encoded by one."
     cfg = train_config(cohort, encoder, 'semantic', preset, None, weights, split)
-    return run_cache(cfg, out, device=device)[0].path
+    with process_group(device):
+        enc = make_encoder(cfg)
+        if num_distrib() > 1:
+            ids = split_tissues([p.name for p in list_tissues(cfg.root)], cfg.split)
+            build_split_cache(out, cfg.root, *ids, enc, cfg.tile, device)
+        return on_rank0(lambda: run_cache(cfg, out, enc, rank_device(device))[0].path)
 
 # %% ../nbs/09_cli.ipynb #51f0f2ca
 def load_run(run, device=None):
@@ -325,19 +335,22 @@ def predict_one(runs, tissue, out, evaluate=False, mpp=0.325, bs=16, device=None
 
 # %% ../nbs/09_cli.ipynb #ed65ab58
 def predict(paths, out, evaluate=False, mpp=0.325, bs=16, device=None):
-    "`spseg predict`: the run folder(s) then the tissue folders of `paths`; every input checked before any work."
+    "`spseg predict`: the run folder(s) then the tissue folders of `paths`; every input checked before any work.\n    Under torchrun the tissues are shared out over the processes, each predicted by one."
     run_dirs, tissue_dirs = split_runs(paths)
-    runs = [load_run(r, device) for r in run_dirs]
-    check_runs(runs)
-    tissues = [load_tissue(p, require=()) for p in tissue_dirs]
-    record = prediction_record(run_dirs, mpp, evaluate)
-    for t in tissues:
-        if finished_prediction(Path(out)/t.id, record):
-            print(f'{t.id}: done before, in {Path(out)/t.id}')
-            continue
-        t0 = time.time()
-        res = predict_one(runs, t, out, evaluate, mpp, bs, device, record)
-        print(f'{t.id}: {len(res)} files in {Path(out)/t.id} ({time.time() - t0:.1f} s)')
+    device = rank_device(device) if device else None
+    with process_group(device):
+        runs = [load_run(r, device) for r in run_dirs]
+        check_runs(runs)
+        tissues = [load_tissue(p, require=()) for p in tissue_dirs]
+        record = prediction_record(run_dirs, mpp, evaluate)
+        for t in rank_share(tissues):
+            if finished_prediction(Path(out)/t.id, record):
+                print(f'{t.id}: done before, in {Path(out)/t.id}')
+                continue
+            t0 = time.time()
+            res = predict_one(runs, t, out, evaluate, mpp, bs, device, record)
+            print(f'{t.id}: {len(res)} files in {Path(out)/t.id} ({time.time() - t0:.1f} s)')
+        distrib_barrier()
     return [Path(out)/t.id for t in tissues]
 
 # %% ../nbs/09_cli.ipynb #db7812ec
@@ -449,9 +462,9 @@ def demo(out='demo_out', n_tissues=6, size=1000, seed=0, epochs=None, device=Non
     return summary
 
 # %% ../nbs/09_cli.ipynb #8b06b50e
-def study(cohort, out, tables='2,3,4,5,6,7,8', preset='tiny', seeds=1, epochs=None, device=None):
+def study(cohort, out, tables='2,3,4,5,6,7,8', preset='tiny', seeds=1, epochs=None, device=None, epoch_scale=None):
     "`spseg study`: run the `tables` (comma-separated numbers) on `cohort` into `out`; print the agreement sentences."
-    extra = {} if epochs is None else dict(epochs=epochs)
+    extra = {k: v for k, v in dict(epochs=epochs, epoch_scale=epoch_scale).items() if v is not None}
     frames = run_study(Path(cohort).absolute(), out, [int(t) for t in str(tables).split(',')], preset, seeds, device,
                        progress=True, **extra)
     for n, df in frames.items(): print(f'Table {n}:\n  ' + '\n  '.join(agreement(df)))
@@ -475,6 +488,8 @@ def _add_jobs(sub):
     s.add_argument('--preset', choices=list(PRESETS), default='tiny')
     s.add_argument('--seeds', type=int, default=1, help='seeds per configuration (seed 0 first)')
     s.add_argument('--epochs', type=int, default=None, help="default: each table's epochs at the preset's scale")
+    s.add_argument('--epoch-scale', type=float, default=None,
+                   help="each table's epochs times this (default: the preset's, tiny 0.1, paper 1)")
     s.add_argument('--device', default=None)
     c = sub.add_parser('cohort', help='write a synthetic cohort')
     c.add_argument('root')
@@ -485,7 +500,8 @@ def _add_jobs(sub):
 # %% ../nbs/09_cli.ipynb #1203b1d7
 def _add_train(sub):
     "The `train` and `embed` subcommands."
-    t = sub.add_parser('train', help='train one run; RUN becomes a self-contained run folder')
+    t = sub.add_parser('train', help='train one run; RUN becomes a self-contained run folder '
+                                     '(data-parallel when started by torchrun)')
     t.add_argument('cohort', help='cohort folder (one folder per tissue: he.tif, sp.tif, mask.tif, inst.tif)')
     t.add_argument('--out', required=True, help='the run folder to write')
     t.add_argument('--encoder', choices=list(ENCODERS), default='virtues',
@@ -494,11 +510,14 @@ def _add_train(sub):
                    help='semantic: types head; instance: binary + HV heads; both: all three in one decoder')
     t.add_argument('--preset', choices=list(PRESETS), default='tiny')
     t.add_argument('--epochs', type=int, default=None, help="default: the preset's share of 30")
+    t.add_argument('--bs', type=int, default=None,
+                   help="the batch of one step (over all processes under torchrun); default: the preset's")
     t.add_argument('--weights', default=None, help='encoder checkpoint (default: random initialisation)')
     t.add_argument('--split', default='holdout', help='holdout or sequential')
     t.add_argument('--cache', default=None, help='folder of encoder-state caches to use and keep (see `spseg embed`)')
     t.add_argument('--device', default=None)
-    e = sub.add_parser('embed', help="cache a frozen encoder's states of a cohort's tiles, for `spseg train --cache`")
+    e = sub.add_parser('embed', help="cache a frozen encoder's states of a cohort's tiles, for `spseg train --cache` "
+                                     '(tissues shared out over the processes under torchrun)')
     e.add_argument('cohort')
     e.add_argument('--out', required=True, help='the cache folder (one sub-folder per encoder, split and tile)')
     e.add_argument('--encoder', choices=list(ENCODERS), default='virtues')
@@ -510,7 +529,8 @@ def _add_train(sub):
 # %% ../nbs/09_cli.ipynb #5282dbd7
 def _add_predict(sub):
     "The `predict` subcommand."
-    p = sub.add_parser('predict', help='typed nuclei of tissue folders: five output files per tissue')
+    p = sub.add_parser('predict', help='typed nuclei of tissue folders: five output files per tissue '
+                                         '(tissues shared out over the processes under torchrun)')
     p.add_argument('paths', nargs='+', metavar='RUN [RUN2] TISSUE...',
                    help='a run folder (or a semantic and an instance run), then tissue folders (sp.tif and/or he.tif)')
     p.add_argument('--out', required=True, help='outputs go to OUT/<tissue id>/')
@@ -545,12 +565,13 @@ def make_parser():
 def _dispatch(a):
     "Run the subcommand of the parsed arguments `a`."
     if a.cmd == 'demo': demo(a.out, a.n_tissues, a.size, a.seed, a.epochs, a.device)
-    elif a.cmd == 'study': study(a.cohort, a.out, a.tables, a.preset, a.seeds, a.epochs, a.device)
+    elif a.cmd == 'study': study(a.cohort, a.out, a.tables, a.preset, a.seeds, a.epochs, a.device, a.epoch_scale)
     elif a.cmd == 'cohort':
         paths = make_cohort(a.root, n_tissues=a.n_tissues, size=a.size, seed=a.seed)
         print('\n'.join(map(str, paths)))
     elif a.cmd == 'train':
-        m = train(a.cohort, a.out, a.encoder, a.task, a.preset, a.epochs, a.weights, a.split, a.device, True, a.cache)
+        m = train(a.cohort, a.out, a.encoder, a.task, a.preset, a.epochs, a.weights, a.split, a.device, True, a.cache,
+                  a.bs)
         print(f'{a.out}: ' + ', '.join(f'{k} {m[k]:.4f}' for k in ('mean_dice', 'binary_dice', 'hv_mse') if k in m))
     elif a.cmd == 'embed': print(embed(a.cohort, a.out, a.encoder, a.preset, a.weights, a.split, a.device))
     elif a.cmd == 'predict': predict(a.paths, a.out, a.evaluate, a.mpp, a.bs, a.device)

@@ -141,7 +141,7 @@ class Trunk(nn.Module):
         self.decoder1_upsampler = nn.Sequential(*blocks(c128 * cat, c128, c128), _up(up[3], c128, c64))
         self.decoder0_header = nn.Sequential(*blocks(c64 * cat, c64, c64), nn.Conv2d(c64, n_out, kernel_size=1))
         self.global_context = GlobalContext(b) if attention == 'global' else None
-        self.masked_attention = MaskedSelfAttention(c128) if attention == 'masked' else None
+        self.masked_attention = MaskedSelfAttention(c64) if attention == 'masked' else None
 
     @staticmethod
     def _join(skip, x): return x if skip is None else torch.cat([skip, x], dim=1)
@@ -149,16 +149,16 @@ class Trunk(nn.Module):
 # %% ../nbs/02_decoder.ipynb #4828446e
 @patch
 def forward(self: Trunk, z4, b3=None, b2=None, b1=None, b0=None):
-    "Logits `(B, n_out, H, W)` and foreground logits at `H/2` (or `None`) from `z4` and the skip outputs."
+    "Logits `(B, n_out, H, W)` and foreground logits at `H` (or `None`) from `z4` and the skip outputs."
     x = self.bottleneck_upsampler(z4)
     if self.global_context is not None: x = self.global_context(x)
     x = self.decoder3_upsampler(self._join(b3, x))
     x = self.decoder2_upsampler(self._join(b2, x))
-    x = self.decoder1_upsampler[:-1](self._join(b1, x))
+    x = self.decoder1_upsampler(self._join(b1, x))
+    x = self.decoder0_header[:-1](self._join(b0, x))
     fg = None
     if self.masked_attention is not None: x, fg = self.masked_attention(x)
-    x = self.decoder1_upsampler[-1](x)
-    return self.decoder0_header(self._join(b0, x)), fg
+    return self.decoder0_header[-1](x), fg
 
 # %% ../nbs/02_decoder.ipynb #cb0bb79d
 HEADS = dict(types=10, binary=2, hv=2, boundary=1)
@@ -178,12 +178,12 @@ def trunk_layout(heads, shared_trunk=False):
 
 # %% ../nbs/02_decoder.ipynb #ab2b264c
 def _as_states(z, skips):
-    "`[z1, z2, z3, z4]` (or `[None, None, None, final]` without skips) from the forms `z` may take."
+    "`[z1, z2, z3, z4]` (`[None, None, None, z4]` without skips) from the forms `z` may take; a normed final is dropped."
     if torch.is_tensor(z) and z.ndim == 5: z = [*z[:, 1:].unbind(1), z[:, 0]]   # encoder.states: final first
     if torch.is_tensor(z): z = [z]
     z = list(z)
+    if len(z) == 5: z = z[:4]                     # [z1..z4, final]: z4 is the last block's raw output
     if not skips: return [None, None, None, z[-1]]
-    if len(z) == 5: z = z[:3] + z[4:]
     if len(z) != 4:
         raise ValueError(f'the decoder needs 4 encoder states [z1, z2, z3, z4] (or 4 + final), got {len(z)}')
     return z

@@ -9,7 +9,7 @@ from dataclasses import dataclass, asdict, fields, replace
 from pathlib import Path
 import numpy as np, pandas as pd, torch
 from fastcore.basics import patch
-from fastai.torch_core import set_seed
+from fastai.torch_core import set_seed, rank_distrib, num_distrib, distrib_barrier
 from .core import atomic_write_json, atomic_write_text, short_hash
 from .data import N_CLASSES, TileDataset, list_tissues, split_tissues, sp_stats, class_shares, tile_dls
 from .metrics import confusion, per_class_dice, pixel_shares
@@ -19,14 +19,16 @@ from .cache import build_cache, cache_manifest
 from .decoder import decoder_for
 from .losses import SemanticLoss, InstanceLoss, JointLoss, class_weights
 from .sampling import weighted_dls
-from .augment import PairedAugment, augment_embedding_xy, augment_tile_xy
+from .augment import PairedAugment, augment_tile_xy
 from .train import (BestCheckpoint, CachedTiles, DecoderOnStates, EncoderDecoder, cached_dls, evaluate,
-                         seg_learner, task_metrics, task_monitor, TASKS)
+                         seg_learner, task_metrics, task_monitor, TASKS, build_split_cache, data_parallel,
+                         first_on_rank0, on_rank0, process_group, rank_batch, rank_device)
 
 # %% auto #0
-__all__ = ['DECODER_VARIANTS', 'PRESETS', 'ENCODERS', 'RESUME_FILE', 'STUDIES', 'STUDY_RESULTS', 'RunConfig', 'preset_config',
-           'make_encoder', 'run_cache', 'run_data', 'task_heads', 'make_decoder', 'make_model', 'make_loss',
-           'finished_run', 'run_experiment', 'majority_baseline', 'study_grid', 'run_grid', 'results_table']
+__all__ = ['DECODER_VARIANTS', 'PRESETS', 'ENCODERS', 'PRELOAD_BYTES', 'RESUME_FILE', 'STUDIES', 'STUDY_RESULTS', 'RunConfig',
+           'preset_config', 'make_encoder', 'run_cache', 'run_data', 'task_heads', 'make_decoder', 'make_model',
+           'make_loss', 'finished_run', 'run_experiment', 'majority_baseline', 'study_grid', 'run_grid',
+           'results_table']
 
 # %% ../nbs/06a_experiments.ipynb #a9ae7f4f
 DECODER_VARIANTS = {'baseline': dict(boundary=False, attention=None),
@@ -45,6 +47,7 @@ class RunConfig:
     encoder_preset: str = 'tiny'   # 'tiny' or 'paper' (spseg.encoders presets)
     encoder_weights: str = None    # checkpoint file; None = random initialisation from `encoder_seed`
     encoder_seed: int = 0
+    marker_embeddings: str = None  # with VirTues weights: the ESM folder (<UniProtID>.pt), or 'random' (opt-in)
     finetune_encoder: bool = False # train on raw tiles with the encoder's weights trainable (no cache)
     decoder_preset: str = 'tiny'   # 'tiny' or 'paper' (spseg.decoder presets)
     width: float = None            # decoder width multiplier; None = the preset's
@@ -58,7 +61,7 @@ class RunConfig:
     ft: float = 0.2
     class_weights: bool = False    # CE class weights ∝ share^-0.5 of the training pixels
     gamma: float = None            # eq. 2 oversampling strength; None = plain shuffling
-    augment: bool = False          # geometric (cached) or the full set (raw tiles)
+    augment: bool = False          # dihedral + H&E jitter + SP channel dropout, on raw tiles through the encoder
     epochs: int = 30
     bs: int = 128
     lr: float = 5e-4
@@ -101,11 +104,18 @@ def preset_config(preset='tiny', **overrides):
     return RunConfig(**{**p, **overrides})
 
 # %% ../nbs/06a_experiments.ipynb #6091d3bf
-def _no_fusion_weights(path):
+def _no_fusion_weights(cfg):
     "A fusion encoder from a checkpoint file: not supported (see above)."
-    raise ValueError(f'{path}: a fusion encoder is built from random initialisations only; drop the weights')
+    raise ValueError(f'{cfg.encoder_weights}: a fusion encoder is built from random initialisations only; drop the weights')
 
-_ENCODERS = dict(virtues=(VirTuesEncoder, load_virtues), cellvit=(CellViTEncoder, load_cellvit_vit256),
+def _load_virtues(cfg):
+    "VirTues from `cfg.encoder_weights`, marker identity from `cfg.marker_embeddings` (an ESM folder, or 'random')."
+    m = cfg.marker_embeddings
+    return load_virtues(cfg.encoder_weights, esm_dir=None if m in (None, 'random') else m, random_markers=m == 'random')
+
+def _load_cellvit(cfg): return load_cellvit_vit256(cfg.encoder_weights)
+
+_ENCODERS = dict(virtues=(VirTuesEncoder, _load_virtues), cellvit=(CellViTEncoder, _load_cellvit),
                  fusion=(fusion_encoder, _no_fusion_weights))
 ENCODERS = tuple(_ENCODERS)   # the names `RunConfig.encoder` takes
 
@@ -113,7 +123,7 @@ def make_encoder(cfg: RunConfig):
     "The encoder of `cfg`: loaded from `encoder_weights`, or randomly initialised from `encoder_seed`."
     if cfg.encoder not in _ENCODERS: raise ValueError(f'encoder must be one of {list(_ENCODERS)}, got {cfg.encoder!r}')
     make, load = _ENCODERS[cfg.encoder]
-    if cfg.encoder_weights: return load(cfg.encoder_weights)
+    if cfg.encoder_weights: return load(cfg)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.encoder_seed)
         return make(cfg.encoder_preset)
@@ -134,13 +144,22 @@ def run_cache(cfg: RunConfig, cache_dir, encoder=None, device=None, progress=Non
                         device=device, progress=progress)
     return cache, stats, train_ids, valid_ids
 
+# %% ../nbs/06a_experiments.ipynb #5cbf1997
+PRELOAD_BYTES = 1 << 30   # `run_data` holds a split's items in memory up to this size, else reads them per batch
+
 # %% ../nbs/06a_experiments.ipynb #ec424801
-def run_data(cfg: RunConfig, cache_dir, encoder=None):
+def _item_bytes(ds: CachedTiles):
+    "Bytes one item of `ds` takes in memory (measured on its first item)."
+    return sum(t.numel() * t.element_size() for t in ds.load(0)) if len(ds) else 0
+
+def run_data(cfg: RunConfig, cache_dir, encoder=None, preload_bytes=None):
     "`(train CachedTiles, valid CachedTiles, stats, train_ids, valid_ids)` of `cfg`, caching the encoder's states."
-    encoder = encoder or make_encoder(cfg)
+    encoder, budget = encoder or make_encoder(cfg), PRELOAD_BYTES if preload_bytes is None else preload_bytes
     cache, stats, train_ids, valid_ids = run_cache(cfg, cache_dir, encoder)
     root = Path(cfg.root)
-    tiles = lambda ids_: CachedTiles(cache, TileDataset([root/i for i in ids_], stats, tile=cfg.tile), encoder, True)
+    def tiles(ids_):
+        ds = CachedTiles(cache, TileDataset([root/i for i in ids_], stats, tile=cfg.tile), encoder)
+        return CachedTiles(cache, ds.tiles, encoder, preload=True) if len(ds) * _item_bytes(ds) <= budget else ds
     return tiles(train_ids), tiles(valid_ids), stats, train_ids, valid_ids
 
 # %% ../nbs/06a_experiments.ipynb #fd391e25
@@ -161,10 +180,14 @@ def make_decoder(cfg: RunConfig, encoder):
     return decoder_for(encoder, cfg.decoder_preset, **kw)
 
 # %% ../nbs/06a_experiments.ipynb #a52e5e0f
+def _raw_tiles(cfg: RunConfig):
+    "Whether `cfg` trains on raw tiles through the encoder: fine-tuning it, or augmenting the images (frozen)."
+    return cfg.finetune_encoder or cfg.augment
+
 def make_model(cfg: RunConfig, encoder):
-    "The model `cfg` trains: `DecoderOnStates` on cached states, or `EncoderDecoder` when fine-tuning the encoder."
+    "The model `cfg` trains: `DecoderOnStates` on cached states, or `EncoderDecoder` on raw tiles (`_raw_tiles`)."
     decoder = make_decoder(cfg, encoder)
-    if cfg.finetune_encoder: return EncoderDecoder(encoder, decoder, freeze_encoder=False)
+    if _raw_tiles(cfg): return EncoderDecoder(encoder, decoder, freeze_encoder=not cfg.finetune_encoder)
     return DecoderOnStates(decoder, encoder.input_scale)
 
 # %% ../nbs/06a_experiments.ipynb #fcbb8c0d
@@ -188,13 +211,12 @@ def finished_run(cfg: RunConfig, out):
 
 # %% ../nbs/06a_experiments.ipynb #f25d7cf0
 def _cached_run_dls(cfg: RunConfig, encoder, cache_dir, device):
-    "Loaders, augmentation and data facts of `cfg` on cached encoder states."
+    "Loaders, no augmentation and data facts of `cfg` on cached encoder states."
     trn, val, stats, train_ids, valid_ids = run_data(cfg, cache_dir, encoder)
     dls = cached_dls(trn, val, cfg.bs, cfg.gamma, cfg.seed, device)
-    aug = PairedAugment(augment_embedding_xy, seed=cfg.seed) if cfg.augment else None
     info = dict(train_ids=train_ids, valid_ids=valid_ids, cache=str(trn.cache.path),
                 weights_hash=trn.cache.manifest['weights_hash'])
-    return dls, aug, info
+    return dls, None, info
 
 # %% ../nbs/06a_experiments.ipynb #5dd8f08c
 def _raw_run_dls(cfg: RunConfig, device):
@@ -211,18 +233,21 @@ RESUME_FILE = 'resume.pth'   # the per-epoch state of a run in progress (`spseg.
 
 # %% ../nbs/06a_experiments.ipynb #29e41e44
 def _fit(cfg: RunConfig, work, cache_dir, device, progress=False):
-    "The learner of `cfg` trained in `work` (holding the best checkpoint), and the run's data facts."
+    "The learner of `cfg` trained in `work` (holding the best checkpoint), and the run's data facts; DDP under torchrun."
     set_seed(cfg.seed, reproducible=True)
     encoder = make_encoder(cfg)
-    if cfg.finetune_encoder: dls, aug, info = _raw_run_dls(cfg, device)
-    else: dls, aug, info = _cached_run_dls(cfg, encoder, cache_dir, device)
+    rank_cfg = replace(cfg, bs=rank_batch(cfg.bs))     # the loaders of one rank: its share of each step's batch
+    if _raw_tiles(cfg): dls, aug, info = _raw_run_dls(rank_cfg, device)
+    else:
+        if num_distrib() > 1: build_split_cache(cache_dir, cfg.root, *_split(cfg), encoder, cfg.tile, device)
+        dls, aug, info = first_on_rank0(_cached_run_dls, rank_cfg, encoder, cache_dir, device)
     loss = make_loss(cfg, class_shares([Path(cfg.root)/i for i in info['train_ids']]))
     learn = seg_learner(dls, make_model(cfg, encoder), loss, work, metrics=task_metrics(cfg.task),
                         monitor=task_monitor(cfg.task), lr=cfg.lr, wd=cfg.wd, T0=cfg.T0, eta_min=cfg.eta_min,
                         patience=cfg.patience, cbs=[aug] if aug else None, progress=progress,
                         resume=RESUME_FILE)
     if cfg.amp or (cfg.amp is None and device.type == 'cuda'): learn.to_bf16()
-    learn.fit(cfg.epochs, cfg.lr)
+    with data_parallel(learn, device): learn.fit(cfg.epochs, cfg.lr)
     return learn, info
 
 # %% ../nbs/06a_experiments.ipynb #ee17b018
@@ -235,7 +260,7 @@ def _run_metrics(cfg: RunConfig, learn, info, seconds):
     res = dict(config_hash=cfg.hash, **scores, best_epoch=best.best_epoch, epochs_run=len(hist),
                monitor=dict(name=best.monitor, best=float(best.best), mean=mon.mean(), std=mon.std(ddof=0)),
                best_valid_loss=hist['valid_loss'].min(), n_train_tiles=len(learn.dls.train_ds),
-               n_valid_tiles=len(learn.dls.valid_ds), seconds=seconds, **info)
+               n_valid_tiles=len(learn.dls.valid_ds), seconds=seconds, world_size=max(num_distrib(), 1), **info)
     if cfg.task in ('semantic', 'both'):
         gt, pr = pixel_shares(cm)
         res['per_class'] = dict(dice=per_class_dice(cm), gt_pct=gt, pred_pct=pr)
@@ -258,20 +283,23 @@ def _work_folder(cfg: RunConfig, work):
 
 # %% ../nbs/06a_experiments.ipynb #ce4d97ae
 def run_experiment(cfg: RunConfig, out, cache_dir=None, device=None, progress=False):
-    "Train `cfg` and write its config, history, best checkpoint, metrics to `out/<name>-<hash>/`; skip or resume."
-    out = Path(out)
-    done = finished_run(cfg, out)
-    if done is not None: return done
-    final, work = out/cfg.run_name, out/f'.{cfg.run_name}.partial'
-    if final.exists(): shutil.rmtree(final)       # a folder of another config under this hash
-    _work_folder(cfg, work)
-    device = torch.device(device or ('cuda' if torch.cuda.is_available() else 'cpu'))
-    t0 = time.time()
-    learn, info = _fit(cfg, work, cache_dir or out/'caches', device, progress)
-    atomic_write_json(work/'metrics.json', _run_metrics(cfg, learn, info, time.time() - t0))
-    os.replace(work, final)
-    (final/RESUME_FILE).unlink(missing_ok=True)
-    return json.loads((final/'metrics.json').read_text())
+    "Train `cfg` and write its config, history, best checkpoint, metrics to `out/<name>-<hash>/`; skip or resume.\n    Under torchrun, data-parallel over the processes; rank 0 decides, writes and reads, every rank returns the metrics."
+    out, device = Path(out), rank_device(device)
+    with process_group(device):
+        done = on_rank0(finished_run, cfg, out)
+        if done is not None: return done
+        final, work = out/cfg.run_name, out/f'.{cfg.run_name}.partial'
+        if rank_distrib() == 0:
+            if final.exists(): shutil.rmtree(final)       # a folder of another config under this hash
+            _work_folder(cfg, work)
+        distrib_barrier()
+        t0 = time.time()
+        learn, info = _fit(cfg, work, cache_dir or out/'caches', device, progress)
+        if rank_distrib() == 0:
+            atomic_write_json(work/'metrics.json', _run_metrics(cfg, learn, info, time.time() - t0))
+            os.replace(work, final)
+            (final/RESUME_FILE).unlink(missing_ok=True)
+        return on_rank0(lambda: json.loads((final/'metrics.json').read_text()))
 
 # %% ../nbs/06a_experiments.ipynb #880d5270
 def majority_baseline(train_shares, valid_targets):
@@ -300,9 +328,9 @@ def _product(*lists):
     return out
 
 # %% ../nbs/06a_experiments.ipynb #d4e53bd5
-def study_grid(study, root, preset='tiny', **overrides):
-    "The configs of `study` (a key of `STUDIES`) on the cohort `root` at `preset`; `overrides` set any other field."
-    s, scale = STUDIES[study], PRESETS[preset]['epoch_scale']
+def study_grid(study, root, preset='tiny', epoch_scale=None, **overrides):
+    "The configs of `study` on the cohort `root` at `preset` (epochs scaled by `epoch_scale`, default the preset's)."
+    s, scale = STUDIES[study], epoch_scale or PRESETS[preset]['epoch_scale']
     base = dict(name=f'{study}-{preset}', root=str(root), split=s['split'], epochs=max(1, round(s['epochs'] * scale)),
                 patience=max(3, round(30 * scale)), **s.get('fixed', {}))
     keys = list(s['vary'])

@@ -8,14 +8,16 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 import numpy as np, torch
+from .core import Precision, choose_precision
 from .data import N_MARKERS, SPStats, TileDataset, he_window, sp_percentile, sp_window
+from .cache import embedding_precision
 from .train import CachedTiles, DecoderOnStates, EncoderDecoder
 from .experiments import RunConfig, make_encoder, make_model
 from .instance import postprocess
 
 # %% auto #0
-__all__ = ['run_config', 'load_run_model', 'activate', 'tile_layout', 'predict_batches', 'paste', 'predict_tissues',
-           'window_starts', 'kept_spans', 'window_plan', 'tissue_norm', 'read_windows', 'tile_model',
+__all__ = ['run_config', 'load_run_model', 'activate', 'tile_layout', 'model_precision', 'predict_batches', 'paste',
+           'predict_tissues', 'window_starts', 'kept_spans', 'window_plan', 'tissue_norm', 'read_windows', 'tile_model',
            'model_modalities', 'predict_tissue', 'typed_nuclei']
 
 # %% ../nbs/08_inference.ipynb #94f56b91
@@ -50,16 +52,25 @@ def tile_layout(ds):
 
 def _n_inp(ds): return getattr(ds, 'n_inp', 2)
 
+# %% ../nbs/08_inference.ipynb #9fd2c42c
+def model_precision(model, amp=None, tile=120) -> Precision:
+    "bf16 or float32 for `model`'s forward pass: forced by `amp`, else its encoder's choice (float32 without one)."
+    if amp is not None: return choose_precision(amp)
+    enc = getattr(model, 'encoder', None)
+    return embedding_precision(enc, tile=tile) if enc is not None else Precision(False, 'no encoder to check bf16 on')
+
 # %% ../nbs/08_inference.ipynb #40552e41
 @torch.no_grad()
-def predict_batches(model, ds, bs=8, device=None, raw=('hv',)):
+def predict_batches(model, ds, bs=8, device=None, raw=('hv',), amp=None):
     "Yield `(item indices, {head: activated outputs})` of `model` over `ds`, batch by batch, in order."
     model.eval()
     device = device or next(model.parameters()).device
+    prec = model_precision(model, amp, tile_layout(ds)[2])
     for b0 in range(0, len(ds), bs):
         idx = list(range(b0, min(b0 + bs, len(ds))))
         xb = [torch.stack(t).to(device) for t in zip(*[ds[i][:_n_inp(ds)] for i in idx])]
-        yield idx, activate(model(*xb), raw)
+        with prec.autocast(device): out = model(*xb)
+        yield idx, activate(out, raw)
 
 # %% ../nbs/08_inference.ipynb #066ff8c7
 def paste(canvas, tile, y, x):
@@ -81,11 +92,11 @@ def _paste_batch(maps, tissues, layout, idx, out, heads=None):
             paste(canvas, v[k], y, x)
 
 # %% ../nbs/08_inference.ipynb #124007c4
-def predict_tissues(model, ds, bs=8, heads=None, raw=('hv',), device=None):
+def predict_tissues(model, ds, bs=8, heads=None, raw=('hv',), device=None, amp=None):
     "Per tissue of `ds`, `{head: float32 (C, H, W)}`: every tile predicted, pasted in place, cropped to the tissue."
     tissues, layout, _ = tile_layout(ds)
     maps = {t.id: {} for t in tissues}
-    for idx, out in predict_batches(model, ds, bs, device, raw):
+    for idx, out in predict_batches(model, ds, bs, device, raw, amp):
         _paste_batch(maps, tissues, layout, idx, out, heads)
     return maps
 
@@ -185,7 +196,7 @@ def _stitch(maps, out, plan, shape):
 # %% ../nbs/08_inference.ipynb #3687542a
 @torch.inference_mode()
 def predict_tissue(model, tissue, stats=None, tile=120, margin=8, bs=4, device=None, heads=None, argmax=(),
-                   raw=('hv',), p99=None, timer=None, threads=None):
+                   raw=('hv',), p99=None, timer=None, threads=None, amp=None):
     "`{head: map}` of `tissue` from overlapping windows, each giving its centre; `argmax` heads as class + probability."
     model.eval()
     device, mods = device or next(model.parameters(), torch.zeros(0)).device, model_modalities(model)
@@ -193,12 +204,13 @@ def predict_tissue(model, tissue, stats=None, tile=120, margin=8, bs=4, device=N
     missing = [m for m in mods if m not in tissue.modalities]
     if missing and getattr(model, 'encoder', None) is not None:        # a model with its encoder needs its images
         raise ValueError(f'{tissue.path}: the model reads {" and ".join(mods)}, the tissue has no {missing[0]}')
-    plan, maps = window_plan(*tissue.shape, tile, margin), {}
+    plan, maps, prec = window_plan(*tissue.shape, tile, margin), {}, model_precision(model, amp, tile)
     with _torch_threads(threads):
         for b in range(0, len(plan), bs):
             with _clock(timer, 'read'): sp, he = read_windows(tissue, plan[b:b + bs, :2], tile, norm, mods)
             with _clock(timer, 'model'):
-                out = {k: v for k, v in model(sp.to(device), he.to(device)).items() if heads is None or k in heads}
+                with prec.autocast(device): out = model(sp.to(device), he.to(device))
+                out = {k: v for k, v in out.items() if heads is None or k in heads}
                 out = {k: v.cpu().numpy() for k, v in _reduce(activate(out, raw), argmax).items()}
             with _clock(timer, 'stitch'): _stitch(maps, out, plan[b:b + bs], tissue.shape)
     flat = {a for k in argmax for a in (k, f'{k}_prob')}

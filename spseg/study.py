@@ -8,8 +8,10 @@ import json, math, time
 from dataclasses import replace
 from pathlib import Path
 import numpy as np, pandas as pd, torch
-from .core import atomic_write_json, atomic_write_text, digest
-from .data import class_shares, list_tissues, load_tissue, split_tissues
+from .core import atomic_path, atomic_write_json, atomic_write_text, digest
+from .data import (CLASSES, N_CLASSES, class_cmap, class_legend, class_shares, list_tissues, load_tissue,
+                        split_tissues)
+from .synthetic import read_recipe
 from .metrics import mean_dice, per_class_dice, pixel_shares, pool, scores, tissue_counts
 from .experiments import (STUDIES, STUDY_RESULTS, finished_run, majority_baseline, make_encoder, run_data,
                                run_experiment, study_grid)
@@ -18,10 +20,11 @@ from .inference import load_run_model, predict_tissues, tile_layout
 
 # %% auto #0
 __all__ = ['TABLES', 'EXTENSIONS', 'TASK_SCORES', 'INSTANCE_SCORES', 'BASELINE_NAMES', 'STUDY_COLUMNS', 'AGREEMENT_SCORES',
-           'row_fields', 'row_label', 'table_configs', 'check_cohort', 'epoch_scores', 'per_class_columns',
-           'run_record', 'instance_counts', 'held_out_scores', 'majority_class_scores', 'trivial_instance_scores',
-           'baseline_record', 'study_numbers', 'table_frame', 'compare_rows', 'baseline_sentence', 'agreement',
-           'table_runs', 'write_csv', 'run_study']
+           'FIGURES', 'row_fields', 'row_label', 'table_configs', 'check_cohort', 'epoch_scores', 'per_class_columns',
+           'run_record', 'instance_counts', 'held_out_maps', 'held_out_scores', 'majority_class_scores',
+           'trivial_instance_scores', 'baseline_record', 'study_numbers', 'table_frame', 'compare_rows',
+           'baseline_sentence', 'agreement', 'table_runs', 'write_csv', 'cohort_record', 'write_figure', 'curve_frame',
+           'plot_curves', 'plot_per_class', 'plot_type_maps', 'type_maps', 'write_figures', 'run_study']
 
 # %% ../nbs/08b_study.ipynb #c3baaccc
 TABLES = {s['table']: k for k, s in STUDIES.items()}   # table number -> study key of `spseg.experiments.STUDIES`
@@ -104,6 +107,15 @@ def instance_counts(maps, tissue):
     b, hv = maps['binary'][-1], maps['hv']
     return tissue_counts(tissue.inst, np.asarray(tissue.mask), postprocess(b, hv)[0], None, b, hv)
 
+# %% ../nbs/08b_study.ipynb #e9d7bdf8
+def held_out_maps(cfg, out, device=None):
+    "`(validation tissues, {tissue id: {head: stitched map}})` of the best checkpoint of `cfg`'s run under `out/runs`."
+    enc = make_encoder(cfg)
+    _, val, *_ = run_data(cfg, Path(out)/'caches', enc)
+    device = torch.device(device or ('cuda' if torch.cuda.is_available() else 'cpu'))
+    maps = predict_tissues(load_run_model(Path(out)/'runs'/cfg.run_name, enc).to(device), val, device=device)
+    return tile_layout(val)[0], maps
+
 # %% ../nbs/08b_study.ipynb #f775b392
 def held_out_scores(cfg, out, device=None):
     "`INSTANCE_SCORES` of the best checkpoint of `cfg`'s run under `out/runs` on its validation tissues (kept)."
@@ -111,11 +123,8 @@ def held_out_scores(cfg, out, device=None):
     key = digest((run/'metrics.json').read_bytes())
     if keep.is_file() and json.loads(keep.read_text()).get('metrics_digest') == key:
         return {k: v for k, v in json.loads(keep.read_text()).items() if k in INSTANCE_SCORES}
-    enc = make_encoder(cfg)
-    _, val, *_ = run_data(cfg, Path(out)/'caches', enc)
-    device = torch.device(device or ('cuda' if torch.cuda.is_available() else 'cpu'))
-    maps = predict_tissues(load_run_model(run, enc).to(device), val, device=device)
-    s = scores(pool([instance_counts(maps[t.id], t) for t in tile_layout(val)[0]]))
+    tissues, maps = held_out_maps(cfg, out, device)
+    s = scores(pool([instance_counts(maps[t.id], t) for t in tissues]))
     res = {k: s[k] for k in INSTANCE_SCORES}
     atomic_write_json(keep, dict(res, metrics_digest=key))
     return res
@@ -278,12 +287,113 @@ def _merge_runs(path, records):
     old = pd.read_csv(path)
     return pd.concat([d for d in (old[~old['table'].isin(set(new['table']))], new) if len(d)], ignore_index=True)
 
+# %% ../nbs/08b_study.ipynb #be974e8a
+def cohort_record(cohort, tables, preset='tiny', seeds=1, **overrides):
+    "What `out/cohort.json` says: the cohort's tissues and recipe, and the study's settings."
+    from spseg import __version__
+    tissues = [load_tissue(p, check_values=False) for p in list_tissues(cohort)]
+    epochs = {t: table_configs(t, cohort, preset, 1, **overrides)[0][1].epochs for t in tables}
+    return dict(cohort=Path(cohort).name, tissues=[dict(id=t.id, height=t.shape[0], width=t.shape[1]) for t in tissues],
+                recipe=read_recipe(cohort), preset=preset, seeds=seeds, tables=list(tables), epochs=epochs,
+                overrides=overrides, versions=dict(spseg=__version__, torch=torch.__version__))
+
+# %% ../nbs/08b_study.ipynb #8edf9ed6
+def write_figure(fig, path, dpi=100):
+    "Save the matplotlib `fig` to `path` as PNG atomically, and close it."
+    import matplotlib.pyplot as plt
+    with atomic_path(path) as tmp: fig.savefig(tmp, format='png', dpi=dpi, bbox_inches='tight')
+    plt.close(fig)
+    return Path(path)
+
+# %% ../nbs/08b_study.ipynb #73820c5c
+def curve_frame(out):
+    "Per-epoch validation scores of every trained run in `out/runs.csv`: table, config, fold, seed, epoch, score."
+    rows = []
+    for _, r in pd.read_csv(Path(out)/'runs.csv').query("kind != 'baseline'").iterrows():
+        h = pd.read_csv(Path(out)/r['run']/'history.csv')
+        name = 'mean_dice' if 'mean_dice' in h else 'binary_dice'
+        rows += [dict(table=r['table'], config=r['config'], fold=r['fold'], seed=r['seed'], epoch=int(e) + 1,
+                      score=float(v), score_name=name) for e, v in zip(h['epoch'], h[name])]
+    return pd.DataFrame(rows)
+
+# %% ../nbs/08b_study.ipynb #92174194
+def plot_curves(curves):
+    "One panel per table: the validation score over epochs, mean over folds and seeds, one line per configuration."
+    import matplotlib.pyplot as plt
+    tables = sorted(curves['table'].unique())
+    fig, axs = plt.subplots(2, 4, figsize=(18, 8), squeeze=False)
+    for ax, t in zip(axs.flat, tables):
+        d = curves[curves['table'] == t]
+        for cfg, g in d.groupby('config', sort=False):
+            m = g.groupby('epoch')['score'].mean()
+            ax.plot(m.index, m.values, marker='.', label=cfg)
+        ax.set(title=f'Table {t} ({TABLES[t]})', xlabel='epoch', ylabel=f"validation {d['score_name'].iloc[0]}")
+        ax.legend(fontsize=6)
+    for ax in axs.flat[len(tables):]: ax.axis('off')
+    fig.tight_layout()
+    return fig
+
+# %% ../nbs/08b_study.ipynb #88f56837
+def plot_per_class(table6):
+    "Table 6's per-class Dice (`dice_c<k>` columns) as grouped bars: one group per class, one bar per row."
+    import matplotlib.pyplot as plt
+    rows = table6.dropna(subset=['dice_c0'])
+    fig, ax = plt.subplots(figsize=(14, 4))
+    w = 0.8 / len(rows)
+    for j, (_, r) in enumerate(rows.iterrows()):
+        ax.bar(np.arange(N_CLASSES) + j * w, [r[f'dice_c{k}'] for k in range(N_CLASSES)], w, label=r['config'])
+    ax.set_xticks(np.arange(N_CLASSES) + 0.4 - w / 2, CLASSES, rotation=30, ha='right', fontsize=8)
+    ax.set(ylabel='Dice (best checkpoint)', title='Table 6: per-class Dice on the held-out tissues')
+    ax.legend(fontsize=7)
+    return fig
+
+# %% ../nbs/08b_study.ipynb #4c013d82
+def plot_type_maps(tissue, predicted):
+    "Fig. 2-style: the H&E and true classes of `tissue`, then each `{name: class map}` of `predicted`."
+    import matplotlib.pyplot as plt
+    show = dict(cmap=class_cmap(), vmin=0, vmax=N_CLASSES - 1, interpolation='nearest')
+    fig, axs = plt.subplots(1, 2 + len(predicted), figsize=(4.2 * (2 + len(predicted)), 4.4))
+    axs[0].imshow(np.asarray(tissue.he))
+    axs[1].imshow(np.asarray(tissue.mask), **show)
+    for ax, m in zip(axs[2:], predicted.values()): ax.imshow(m, **show)
+    for ax, title in zip(axs, ['H&E (held out)', 'true classes', *predicted]): ax.set_title(title, fontsize=10)
+    for ax in axs: ax.axis('off')
+    class_legend(axs[-1])
+    return fig
+
+# %% ../nbs/08b_study.ipynb #45862db9
+def type_maps(out, table6_cfgs, device=None):
+    "`(first validation tissue, {row: its predicted class map})` of the Table 6 runs `{row: cfg}` under `out`."
+    tissue, pred = None, {}
+    for name, cfg in table6_cfgs.items():
+        tissues, maps = held_out_maps(cfg, out, device)
+        tissue = tissues[0]
+        pred[name] = maps[tissue.id]['types'].argmax(0)
+    return tissue, pred
+
+# %% ../nbs/08b_study.ipynb #1a423a22
+FIGURES = ('curves.png', 'table6_per_class.png', 'fig2_type_maps.png')   # what `write_figures` draws into out/figures
+
+def write_figures(out, cohort, preset='tiny', device=None, **overrides):
+    "Draw `FIGURES` into `out/figures` from the study's files (Table 6's runs predict one held-out tissue)."
+    out, figs = Path(out), Path(out)/'figures'
+    write_figure(plot_curves(curve_frame(out)), figs/FIGURES[0])
+    if not (out/'table6.csv').is_file(): return figs
+    write_figure(plot_per_class(pd.read_csv(out/'table6.csv')), figs/FIGURES[1])
+    rows = {c.encoder: c for k, c in table_configs(6, cohort, preset, 1, **overrides)
+            if k == 'study' and finished_run(c, out/'runs') is not None}
+    names = dict(virtues='SP model (VirTues)', cellvit='H&E model (ViT-256)')
+    write_figure(plot_type_maps(*type_maps(out, {names[e]: rows[e] for e in names if e in rows}, device)),
+                 figs/FIGURES[2])
+    return figs
+
 # %% ../nbs/08b_study.ipynb #2d914756
 def run_study(cohort, out, tables=(2, 3, 4, 5, 6, 7, 8), preset='tiny', seeds=1, device=None, progress=False,
-              **overrides):
-    "Run the study's `tables` on `cohort` into `out`, resumably: `out/table<N>.csv`, `out/runs.csv`; `{N: table}`."
+              figures=True, **overrides):
+    "Run the study's `tables` on `cohort` into `out`, resumably: `table<N>.csv`, `runs.csv`, `cohort.json`, figures."
     out, tables, frames, records = Path(out), [int(t) for t in tables], {}, []
     check_cohort(cohort, tables)
+    atomic_write_json(out/'cohort.json', cohort_record(cohort, tables, preset, seeds, **overrides))
     for t in tables:
         res = table_runs(t, cohort, out, preset, seeds, device, progress, **overrides)
         folds = {(c.split, c.fold): c for k, c, _ in res if k == 'study' and c.seed == 0}
@@ -291,4 +401,5 @@ def run_study(cohort, out, tables=(2, 3, 4, 5, 6, 7, 8), preset='tiny', seeds=1,
         write_csv(frames[t], out/f'table{t}.csv')
         records += [r for *_, r in res]
         write_csv(_merge_runs(out/'runs.csv', records), out/'runs.csv')
+    if figures: write_figures(out, cohort, preset, device, **overrides)
     return frames

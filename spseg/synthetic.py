@@ -4,21 +4,23 @@
 
 # %% ../nbs/00a_synthetic.ipynb #4229c8be
 from __future__ import annotations
-import math
+import json, math
 from pathlib import Path
 from types import SimpleNamespace
 from typing import NamedTuple
 import numpy as np
 from scipy import ndimage as ndi
+from .core import atomic_write_json
 from .data import CLASSES, MARKERS, TABLE1, N_CLASSES, N_MARKERS, TISSUE_FILES, write_tissue
 
 # %% auto #0
 __all__ = ['PIXEL_SIZE_UM', 'LINEAGES', 'LINEAGE_NAMES', 'CLASS_LINEAGE', 'CLASS_SPREAD', 'CLASS_LINEAGE_ID', 'EXPRESSION',
            'EXPRESSION_LEVEL', 'LOCALISATION', 'BRIGHTNESS', 'AUTOFLUORESCENCE', 'SPILLOVER', 'RUIFROK_H', 'RUIFROK_E',
-           'coarse_field', 'upsample', 'tissue_layout', 'sample_points', 'lineage_table', 'mean_nucleus_area',
-           'stamp_nucleus', 'empty_maps', 'draw_shapes', 'share_targets', 'place_nuclei', 'extracellular_maps',
-           'expression_table', 'cell_expression', 'localisation_maps', 'render_sp', 'stain_vectors', 'beer_lambert',
-           'render_he', 'SynthTissue', 'make_tissue', 'make_cohort']
+           'COHORT_RECIPE', 'coarse_field', 'upsample', 'tissue_layout', 'sample_points', 'lineage_table',
+           'mean_nucleus_area', 'stamp_nucleus', 'empty_maps', 'draw_shapes', 'share_targets', 'place_nuclei',
+           'extracellular_maps', 'expression_table', 'cell_expression', 'localisation_maps', 'render_sp',
+           'stain_vectors', 'beer_lambert', 'render_he', 'SynthTissue', 'make_tissue', 'write_recipe', 'read_recipe',
+           'make_cohort']
 
 # %% ../nbs/00a_synthetic.ipynb #42625e39
 PIXEL_SIZE_UM = 0.325  # µm per pixel, as ORION
@@ -406,6 +408,18 @@ def make_tissue(size=3000, rng=0, shares=None, max_overlap=0.25, sp_blur=1.2) ->
     sp = render_sp(nuc, xmaps, r_sp, blur=sp_blur)
     return SynthTissue(he, sp, nuc.cls[nuc.inst], nuc.inst)
 
+# %% ../nbs/00a_synthetic.ipynb #641f600a
+COHORT_RECIPE = '.spseg/synthetic.json'   # how a synthetic cohort was made, beside its tissues
+
+def write_recipe(root, recipe):
+    "Record under `root` the arguments a synthetic cohort was made with (`read_recipe` gives them back)."
+    return atomic_write_json(Path(root)/COHORT_RECIPE, dict(generator='spseg.synthetic.make_cohort', **recipe))
+
+def read_recipe(root):
+    "The recipe `make_cohort` recorded under `root`, or None for a cohort not made by it."
+    p = Path(root)/COHORT_RECIPE
+    return json.loads(p.read_text()) if p.is_file() else None
+
 # %% ../nbs/00a_synthetic.ipynb #928154a0
 def make_cohort(root, n_tissues=35, size=3000, seed=0, prefix='tissue', overwrite=True, progress=True, **kwargs):
     "Write `n_tissues` synthetic tissues under `root` in the `spseg.data` layout; returns their paths (sorted). `kwargs` go to `make_tissue`."
@@ -425,4 +439,5 @@ def make_cohort(root, n_tissues=35, size=3000, seed=0, prefix='tissue', overwrit
             write_tissue(path, t.he, t.sp, t.mask, t.inst)
             del t
         paths.append(path)
+    write_recipe(root, dict(n_tissues=n_tissues, size=size, seed=seed, prefix=prefix, **kwargs))
     return paths

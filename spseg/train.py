@@ -4,11 +4,11 @@
 
 # %% ../nbs/06_train.ipynb #4448e707
 from __future__ import annotations
-import copy, math, random
+import contextlib, copy, math, os, random
 from functools import partial
 from pathlib import Path
 from types import SimpleNamespace
-import numpy as np, torch, torch.nn as nn, torch.nn.functional as F
+import numpy as np, torch, torch.distributed as dist, torch.nn as nn, torch.nn.functional as F
 from fastcore.basics import patch
 from fastai.callback.core import Callback, CancelEpochException
 from fastai.callback.tracker import TrackerCallback, EarlyStoppingCallback
@@ -16,20 +16,22 @@ from fastai.callback.progress import CSVLogger, ProgressCallback
 from fastai.callback.fp16 import MixedPrecision  # noqa: F401 (patches `Learner.to_bf16`)
 from fastai.data.core import DataLoaders
 from fastai.data.load import DataLoader
-from fastai.learner import Learner, Metric
+from fastai.learner import Learner, Metric, Recorder
 from fastai.optimizer import Adam
-from fastai.torch_core import to_device
-from .core import atomic_torch_save
-from .data import N_CLASSES, IGNORE_INDEX, TileDataset
+from fastai.torch_core import to_device, find_bs, get_model, rank_distrib, num_distrib, distrib_barrier
+from .core import atomic_torch_save, short_hash
+from .data import N_CLASSES, IGNORE_INDEX, TileDataset, sp_stats
 from .metrics import confusion, per_class_dice, mean_dice, hv_sq_error
-from .cache import EmbeddingCache, CacheMismatch, weights_hash
+from .cache import EmbeddingCache, CacheMismatch, weights_hash, build_cache, cache_manifest
 from .losses import binary_target
 from .sampling import WeightedDataLoader, sampling_weights, class_presence, cached_class_counts
 
 # %% auto #0
 __all__ = ['TASKS', 'AdamW', 'ConfusionMetric', 'nucleus_dice', 'HVMSE', 'task_metrics', 'task_monitor', 'cosine_restart_lr',
-           'CosineRestarts', 'BestCheckpoint', 'LRLog', 'SegLearner', 'rng_state', 'set_rng_state', 'ResumeState',
-           'seg_learner', 'CachedTiles', 'DecoderOnStates', 'cached_dls', 'EncoderDecoder', 'evaluate']
+           'CosineRestarts', 'rank_device', 'process_group', 'broadcast_object', 'on_rank0', 'first_on_rank0',
+           'rank_share', 'broadcast_weights', 'BestCheckpoint', 'LRLog', 'SegLearner', 'rng_state', 'set_rng_state',
+           'ResumeState', 'seg_learner', 'CachedTiles', 'DecoderOnStates', 'cached_dls', 'EncoderDecoder', 'evaluate',
+           'rank_batch', 'WholeSplitValid', 'RankStreams', 'data_parallel', 'build_cache_sharded', 'build_split_cache']
 
 # %% ../nbs/06_train.ipynb #13b5b437
 def _mask_target(yb): return yb[0]
@@ -104,6 +106,70 @@ class CosineRestarts(Callback):
         self.opt.set_hyper('lr', lr)
         self.lrs.append(lr)
 
+# %% ../nbs/06_train.ipynb #e690009d
+def rank_device(device=None):
+    "`device`, else CUDA where there is a GPU, else the CPU; under torchrun a bare `cuda` is this rank's GPU."
+    device = torch.device(device or ('cuda' if torch.cuda.is_available() else 'cpu'))
+    if device.type == 'cuda' and device.index is None and num_distrib() > 1:
+        device = torch.device('cuda', int(os.environ.get('LOCAL_RANK', 0)))
+    return device
+
+# %% ../nbs/06_train.ipynb #c7e3fd0f
+@contextlib.contextmanager
+def process_group(device=None):
+    "Join the process group torchrun describes (NCCL for a CUDA `device`, else gloo) for the block; else nothing."
+    if num_distrib() <= 1 or dist.is_initialized():
+        yield
+        return
+    device = rank_device(device)
+    if device.type == 'cuda': torch.cuda.set_device(device)
+    dist.init_process_group('nccl' if device.type == 'cuda' else 'gloo')
+    try: yield
+    finally: dist.destroy_process_group()
+
+# %% ../nbs/06_train.ipynb #1ed9bd26
+def _distributed(): return num_distrib() > 1 and dist.is_initialized()
+
+def _comm_device():
+    "Where the tensors that ranks exchange must be: this rank's GPU for NCCL, else the CPU."
+    return torch.device('cuda', torch.cuda.current_device()) if dist.get_backend() == 'nccl' else torch.device('cpu')
+
+# %% ../nbs/06_train.ipynb #ac7f28f2
+def broadcast_object(obj):
+    "Rank 0's `obj` on every rank (each rank passes its own; rank 0's wins); `obj` itself in one process."
+    if not _distributed(): return obj
+    box = [obj if rank_distrib() == 0 else None]
+    dist.broadcast_object_list(box, src=0, device=_comm_device())
+    return box[0]
+
+def on_rank0(fn, *args, **kwargs):
+    "`fn(*args, **kwargs)` run on rank 0 alone, its result sent to every rank (which wait for it)."
+    return broadcast_object(fn(*args, **kwargs) if rank_distrib() == 0 else None)
+
+# %% ../nbs/06_train.ipynb #6bea68ae
+def first_on_rank0(fn, *args, **kwargs):
+    "`fn(*args, **kwargs)` on rank 0 first, then (after a barrier) on the other ranks; its result on each."
+    if rank_distrib() == 0: res = fn(*args, **kwargs)
+    distrib_barrier()
+    if rank_distrib() != 0: res = fn(*args, **kwargs)
+    return res
+
+# %% ../nbs/06_train.ipynb #2cdcc3b9
+def rank_share(items):
+    "This rank's share of `items`: every world-size-th item from the rank's own index on (all of them in one process)."
+    return list(items)[rank_distrib():][::max(num_distrib(), 1)]
+
+# %% ../nbs/06_train.ipynb #16c046cd
+@torch.no_grad()
+def broadcast_weights(model):
+    "Make every rank's `model` (parameters and buffers) rank 0's, in place; nothing in one process."
+    if not _distributed(): return model
+    for t in model.state_dict().values():
+        buf = t.to(_comm_device())
+        dist.broadcast(buf, 0)
+        t.copy_(buf)
+    return model
+
 # %% ../nbs/06_train.ipynb #0073ec8e
 class BestCheckpoint(TrackerCallback):
     "Save the weights to `path` when `monitor` improves; load them back after fitting. Records `best_epoch`."
@@ -115,10 +181,15 @@ class BestCheckpoint(TrackerCallback):
         super().after_epoch()
         if not self.new_best: return
         self.best_epoch = self.epoch
-        atomic_torch_save({k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()}, self.path)
+        if rank_distrib() != 0: return         # every rank decides alike (whole-split values); rank 0 writes
+        weights = get_model(self.model).state_dict()
+        atomic_torch_save({k: v.detach().cpu().clone() for k, v in weights.items()}, self.path)
     def after_fit(self):
         super().after_fit()
-        if self.path.exists(): self.model.load_state_dict(torch.load(self.path, map_location='cpu', weights_only=True))
+        model = get_model(self.model)
+        if rank_distrib() == 0 and self.path.exists():
+            model.load_state_dict(torch.load(self.path, map_location='cpu', weights_only=True))
+        broadcast_weights(model)
 
 # %% ../nbs/06_train.ipynb #e023b997
 AdamW = partial(Adam, mom=0.9, sqr_mom=0.999, eps=1e-8)   # fastai's Adam with decoupled wd = torch.optim.AdamW
@@ -148,9 +219,13 @@ class SegLearner(Learner):
             self._with_events(self._do_epoch, 'epoch', CancelEpochException)
 
 # %% ../nbs/06_train.ipynb #553457c4
+def _loaders(learn):
+    "`learn`'s loaders; during a distributed fit, the loaders inside fastai's `DistributedDL` wrappers."
+    return [vars(dl).get('dl', dl) for dl in learn.dls.loaders]
+
 def _generators(learn):
     "The torch generators that `learn`'s loaders and callbacks own (weighted draws, augmentation), by owner."
-    owners = {f'loader{i}': dl for i, dl in enumerate(learn.dls.loaders)} | {cb.name: cb for cb in learn.cbs}
+    owners = {f'loader{i}': dl for i, dl in enumerate(_loaders(learn))} | {cb.name: cb for cb in learn.cbs}
     return {k: o.generator for k, o in owners.items() if isinstance(getattr(o, 'generator', None), torch.Generator)}
 
 # %% ../nbs/06_train.ipynb #dc2dc70d
@@ -158,7 +233,7 @@ def rng_state(learn):
     "Every random state the next epoch of `learn` draws from: the global generators, its loaders' and callbacks'."
     return dict(torch=torch.get_rng_state(), cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
                 numpy=np.random.get_state(), python=random.getstate(),
-                loaders=[dl.rng.getstate() for dl in learn.dls.loaders],
+                loaders=[dl.rng.getstate() for dl in _loaders(learn)],
                 generators={k: g.get_state() for k, g in _generators(learn).items()})
 
 # %% ../nbs/06_train.ipynb #dbba4bf3
@@ -168,7 +243,7 @@ def set_rng_state(learn, state):
     if state['cuda'] and torch.cuda.is_available(): torch.cuda.set_rng_state_all(state['cuda'])
     np.random.set_state(state['numpy'])
     random.setstate(state['python'])
-    for dl, s in zip(learn.dls.loaders, state['loaders']): dl.rng.setstate(s)
+    for dl, s in zip(_loaders(learn), state['loaders']): dl.rng.setstate(s)
     for k, g in _generators(learn).items(): g.set_state(state['generators'][k])
 
 # %% ../nbs/06_train.ipynb #26f3bc82
@@ -191,30 +266,36 @@ class ResumeState(Callback):
     def __init__(self, fname): self.fname = Path(fname)
     def after_epoch(self):
         if not self.learn.fitting: return      # the events of a `validate` or `get_preds`, not an epoch of a fit
-        st = dict(epochs_done=self.epoch + 1, model=self.model.state_dict(), opt=self.opt.state_dict(),
+        if rank_distrib() != 0: return         # one writer: rank 0 (the state is the same on every rank)
+        st = dict(epochs_done=self.epoch + 1, model=get_model(self.model).state_dict(), opt=self.opt.state_dict(),
                   cbs=_cb_state(self.learn), rng=rng_state(self.learn), history=_history(self.learn))
         atomic_torch_save(st, self.fname)
     def after_fit(self): self.learn.first_epoch = 0
 
 # %% ../nbs/06_train.ipynb #773bb2c7
+def _saved_state(fname):
+    "The state saved in `fname`, or None without one."
+    return torch.load(fname, map_location='cpu', weights_only=False) if Path(fname).exists() else None
+
 @patch
 def before_fit(self: ResumeState):
-    "Restore the saved state, if any, and make the learner start at the epoch after it."
+    "Restore the saved state, if any (rank 0 reads it, every rank loads it), and start at the epoch after it."
     if not isinstance(self.learn, SegLearner): raise TypeError('ResumeState needs a SegLearner (to skip epochs)')
     self.learn.first_epoch = 0
-    if not (self.learn.fitting and self.fname.exists()): return
-    self.learn.first_epoch = self.restore(torch.load(self.fname, map_location='cpu', weights_only=False))
+    if not self.learn.fitting: return
+    st = on_rank0(_saved_state, self.fname)
+    if st is not None: self.learn.first_epoch = self.restore(st)
 
 # %% ../nbs/06_train.ipynb #b566b5ef
 @patch
 def restore(self: ResumeState, st):
     "Load the saved state `st` into the learner and its callbacks; the number of epochs it had done."
     learn = self.learn
-    learn.model.load_state_dict(st['model'])
+    get_model(learn.model).load_state_dict(st['model'])
     learn.opt.load_state_dict(to_device(st['opt'], next(learn.model.parameters()).device))
     for cb in learn.cbs: vars(cb).update(st['cbs'].get(cb.name, {}))
     set_rng_state(learn, st['rng'])
-    if st['history'] is not None:
+    if st['history'] is not None and getattr(learn, 'csv_logger', None) is not None:   # rank 0 logs
         f = learn.csv_logger.file
         f.seek(0)
         f.truncate()
@@ -230,7 +311,8 @@ def seg_learner(dls, model, loss_func, path, metrics=None, monitor='mean_dice', 
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     protocol = [CosineRestarts(T0, eta_min), BestCheckpoint(path/checkpoint, monitor),
-                EarlyStoppingCallback(monitor=monitor, patience=patience), CSVLogger('history.csv')]
+                EarlyStoppingCallback(monitor=monitor, patience=patience)]
+    if rank_distrib() == 0: protocol.append(CSVLogger('history.csv'))    # one writer of the history
     if resume: protocol.append(ResumeState(path/resume))
     learn = SegLearner(dls, model, loss_func=loss_func, opt_func=AdamW, lr=lr, wd=wd, wd_bn_bias=True,
                        metrics=metrics, path=path, model_dir='.', cbs=protocol + list(cbs or []))
@@ -339,3 +421,108 @@ def evaluate(model, dl, task='semantic'):
         learn = SimpleNamespace(pred=model(*b[:dl.n_inp]), yb=b[dl.n_inp:])
         for m in metrics: m.accumulate(learn)
     return {m.name: m.value for m in metrics}, metrics[0].cm
+
+# %% ../nbs/06_train.ipynb #330e2a75
+def rank_batch(bs):
+    "Each rank's share of `bs`, the batch of one optimiser step over all ranks."
+    n = max(num_distrib(), 1)
+    if bs % n: raise ValueError(f'the batch size {bs} does not divide over {n} processes')
+    return bs // n
+
+# %% ../nbs/06_train.ipynb #9be1620e
+def _n_real(dl, bs):
+    "How many of the `bs` items that fastai's `DistributedDL` `dl` has just given are real ones, not padding."
+    start = dl.rank * dl.n_padded // dl.world_size + dl.i - bs       # the batch's place in the padded index list
+    return max(0, min(bs, dl.n - start))
+
+def _head(pred, n):
+    "The first `n` items of the prediction `pred` (a tensor or a dict of head tensors)."
+    return {k: v[:n] for k, v in pred.items()} if isinstance(pred, dict) else pred[:n]
+
+# %% ../nbs/06_train.ipynb #355095cf
+_SUMS = ('cm', 'sse', 'n')   # what `ConfusionMetric` and `HVMSE` add up over the batches
+
+def _all_sum(x):
+    "The sum over the ranks of the number or tensor `x`, of the same kind."
+    t = torch.as_tensor(x, dtype=torch.float64 if isinstance(x, float) else None).to(_comm_device())
+    dist.all_reduce(t)
+    return t.cpu() if isinstance(x, torch.Tensor) else t.item()
+
+# %% ../nbs/06_train.ipynb #53f3c706
+class WholeSplitValid(Callback):
+    "Under DDP: each rank logs the whole validation split's loss and metrics (padding cut off, sums added)."
+    order, run_train = Recorder.order - 1, False      # the sums are whole before the recorder logs them
+    def before_validate(self):
+        self.total, self.count = 0., 0
+        broadcast_weights(get_model(self.model))      # rank 0's batch-norm statistics: the model rank 0 saves
+    def after_loss(self):
+        bs = find_bs(self.yb)
+        keep = _n_real(self.dl, bs)
+        if keep < bs:
+            self.learn.pred, self.learn.yb = _head(self.pred, keep), tuple(y[:keep] for y in self.yb)
+            self.learn.loss = self.loss_func(self.pred, *self.yb) if keep else self.loss.new_zeros(())
+        self.total, self.count = self.total + float(self.loss) * keep, self.count + keep
+    def after_validate(self):
+        loss = self.learn.recorder.loss
+        loss.total, loss.count = _all_sum(self.total), _all_sum(self.count)
+        for m in self.learn.metrics:
+            for a in _SUMS:
+                if a in vars(m): setattr(m, a, _all_sum(getattr(m, a)))
+
+# %% ../nbs/06_train.ipynb #9596a10f
+class RankStreams(Callback):
+    "Under DDP: ranks other than 0 reseed their callbacks' generators every epoch from (seed, rank, epoch)."
+    order = 5   # before the callbacks that draw; `before_fit` before `ResumeState` restores
+    def before_fit(self):
+        self.gens = {cb.name: cb.generator for cb in self.learn.cbs
+                     if isinstance(getattr(cb, 'generator', None), torch.Generator)}
+        self.seeds = {k: g.initial_seed() for k, g in self.gens.items()}
+    def before_epoch(self):
+        if rank_distrib() == 0: return
+        for k, g in self.gens.items():
+            g.manual_seed(int(np.random.SeedSequence([self.seeds[k], rank_distrib(), self.epoch]).generate_state(1)[0]))
+
+# %% ../nbs/06_train.ipynb #9ac75b3d
+def _broadcast_idxs(self, t, rank):
+    "fastai's `DistributedDL._broadcast` with the index tensor where the process group sends it (gloo: the CPU)."
+    t = torch.tensor(t, dtype=torch.int64, device=_comm_device())
+    dist.broadcast(t, rank)
+    return t.cpu().tolist()
+
+# %% ../nbs/06_train.ipynb #ec0b3e2a
+@contextlib.contextmanager
+def data_parallel(learn, device):
+    "`learn` trained data-parallel over the process group by fastai's `distrib_ctx` in the block; else as it is."
+    if num_distrib() <= 1:
+        yield learn
+        return
+    from fastai.distributed import DistributedDL    # fastai's DDP support imports Accelerate: only here
+    DistributedDL._broadcast = _broadcast_idxs
+    learn.dls.n_inp = learn.dls.n_inp               # pinned: a wrapped loader of raw tiles would guess it wrong
+    cpu = torch.device(device).type == 'cpu'
+    try:
+        with learn.added_cbs([RankStreams(), WholeSplitValid()]), learn.distrib_ctx(sync_bn=not cpu, cpu=cpu):
+            yield learn
+    finally: del learn.dls.n_inp
+
+# %% ../nbs/06_train.ipynb #2554b480
+def build_cache_sharded(out, tissues, encoder, stats=None, **kwargs) -> EmbeddingCache:
+    "`build_cache` with the tissues shared out over the ranks (each encoded by one), the manifest written by rank 0."
+    if num_distrib() <= 1: return build_cache(out, tissues, encoder, stats, **kwargs)
+    if rank_distrib() == 0: build_cache(out, [], encoder, stats, **kwargs)    # the manifest; a stale cache cleared
+    distrib_barrier()
+    build_cache(out, rank_share(tissues), encoder, stats, **{**kwargs, 'on_mismatch': 'raise'})
+    distrib_barrier()
+    return EmbeddingCache(out)
+
+# %% ../nbs/06_train.ipynb #b5885735
+def build_split_cache(cache_dir, root, train_ids, valid_ids, encoder, tile=120, device=None) -> EmbeddingCache:
+    "The cache `run_cache` makes of a split (SP statistics of `train_ids`) in its folder, by `build_cache_sharded`."
+    stats, device = sp_stats(root, train_ids), rank_device(device)
+    man = cache_manifest(encoder.to(device), stats, tile)
+    first = on_rank0(lambda: man)
+    if man != first:
+        diff = sorted(k for k in man if man[k] != first.get(k))
+        raise CacheMismatch(f'rank {rank_distrib()} would cache other numbers than rank 0 ({", ".join(diff)})')
+    return build_cache_sharded(Path(cache_dir)/short_hash(man), [Path(root)/i for i in train_ids + valid_ids],
+                               encoder, stats, tile=tile, device=device)

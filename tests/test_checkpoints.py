@@ -1,5 +1,6 @@
 "Checkpoints: official VirTues and HIPT/CellViT files round-trip; bad files fail naming the file and the keys."
 import argparse, json, struct
+from functools import partial
 import pytest, torch
 from spseg.data import MARKERS
 from spseg.encoders import VirTuesEncoder, CellViTEncoder
@@ -50,7 +51,7 @@ def test_save_is_atomic(tmp_path):
     assert sorted(x.name for x in tmp_path.iterdir()) == ['a.safetensors'] and p == tmp_path/'a.safetensors'
 
 def _expect_error(path, *words):
-    load = load_virtues if str(path).endswith('.safetensors') else load_cellvit_vit256
+    load = partial(load_virtues, random_markers=True) if str(path).endswith('.safetensors') else load_cellvit_vit256
     with pytest.raises(CheckpointError) as e: load(path)
     msg = str(e.value)
     assert str(path) in msg
@@ -158,3 +159,13 @@ def test_vit_bad_checkpoints(tmp_path):
     _expect_error(tmp_path/'junk.pth', 'unreadable checkpoint')
     torch.save({'optimizer': {}}, tmp_path/'other.pth')
     _expect_error(tmp_path/'other.pth', '"teacher"', 'model_state_dict')
+
+def test_virtues_without_markers_is_an_error(tmp_path):
+    "An official file (no learned marker table) without its ESM directory fails, naming the file; random is opt-in."
+    _, sd, _ = _virtues_file(tmp_path)
+    write_safetensors(sd, tmp_path/'official.safetensors')
+    with pytest.raises(CheckpointError, match=r'official\.safetensors: no ESM marker embeddings'):
+        load_virtues(tmp_path/'official.safetensors')
+    with pytest.warns(UserWarning, match='marker identity is random'):
+        enc = load_virtues(tmp_path/'official.safetensors', random_markers=True)
+    assert enc.in_chans == 16

@@ -42,7 +42,7 @@ def test_too_small_a_cohort_is_refused_up_front(tmp_path):
 
 def test_csv_columns_and_rows(study):
     cohort, out, frames = study
-    want = ['caches', 'runs', 'runs.csv', 'scores', 'table3.csv', 'table6.csv', 'table7.csv']
+    want = ['caches', 'cohort.json', 'figures', 'runs', 'runs.csv', 'scores', 'table3.csv', 'table6.csv', 'table7.csv']
     assert sorted(p.name for p in out.iterdir()) == want
     t3 = pd.read_csv(out/'table3.csv')
     assert list(t3.columns) == ['table', 'study', 'config', 'kind', 'skips', 'n_runs', 'best_mean_dice',
@@ -179,3 +179,17 @@ def test_table8_compares_the_mean_over_epochs_too():
     assert 'no spread to compare with' in s[0]
     assert s[1].startswith('Table 8, mean Dice: 2 of 2 configurations beat')
     assert s[2].startswith('Table 8, mean Dice over the epochs, variant=boundary') and 'opposite direction' in s[2]
+
+
+def test_cohort_record_and_figures(study):
+    "cohort.json says what the tables came from; the figures are PNG files drawn from the written results."
+    import json
+    from spseg.study import FIGURES
+    cohort, out, _ = study
+    rec = json.loads((out/'cohort.json').read_text())
+    assert [t['id'] for t in rec['tissues']] == [p.name for p in list_tissues(cohort)]
+    assert {(t['height'], t['width']) for t in rec['tissues']} == {(120, 120)}
+    assert rec['recipe'] == dict(generator='spseg.synthetic.make_cohort', n_tissues=5, size=120, seed=0, prefix='tissue')
+    assert (rec['preset'], rec['seeds'], rec['tables'], rec['overrides']) == ('tiny', 1, list(TABLES), dict(epochs=1))
+    assert rec['epochs'] == {str(t): 1 for t in TABLES}
+    for f in FIGURES: assert (out/'figures'/f).read_bytes()[:8] == b'\x89PNG\r\n\x1a\n', f
