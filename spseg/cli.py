@@ -16,7 +16,7 @@ from . import __version__
 from .core import atomic_write_bytes, atomic_write_json, atomic_write_text, digest, jsonable
 from .data import DataError, SPStats, instances_from_mask, sp_stats
 from .metrics import confusion, mean_dice, per_class_dice, scores, tissue_counts
-from .checkpoints import CheckpointError
+from .checkpoints import MARKER_UNIPROT, CheckpointError
 from .experiments import ENCODERS, PRESETS, RunConfig, make_encoder, preset_config, run_cache, run_experiment, task_heads
 from fastai.torch_core import rank_distrib, num_distrib, distrib_barrier
 from .train import TASKS, build_split_cache, on_rank0, process_group, rank_device, rank_share
@@ -28,9 +28,10 @@ from .study import agreement, run_study
 # %% auto #0
 __all__ = ['RUN_FILES', 'UNTYPED', 'DEMO_MODELS', 'shares_table', 'format_shares', 'sp_composite', 'site_notebook', 'site_pages',
            'site_config', 'doc_links', 'build_site', 'write_readme', 'train_config', 'finished_train', 'train', 'embed',
-           'load_run', 'run_maps', 'nuclei_of', 'tissue_scores', 'split_runs', 'check_runs', 'prediction_record',
-           'finished_prediction', 'predict_one', 'predict', 'demo_cohort', 'demo_predict', 'majority_scores',
-           'demo_summary', 'class_contours', 'read_prediction', 'demo_figure', 'demo', 'study', 'make_parser', 'main']
+           'pretrain', 'load_run', 'run_maps', 'nuclei_of', 'tissue_scores', 'split_runs', 'check_runs',
+           'prediction_record', 'finished_prediction', 'predict_one', 'predict', 'demo_cohort', 'demo_predict',
+           'majority_scores', 'demo_summary', 'class_contours', 'read_prediction', 'demo_figure', 'demo', 'study',
+           'make_parser', 'main']
 
 # %% ../nbs/09_cli.ipynb #8820901a
 def shares_table(shares):
@@ -198,14 +199,17 @@ RUN_FILES = ('config.json', 'best.pth', 'history.csv', 'sp_stats.json', 'metrics
 
 # %% ../nbs/09_cli.ipynb #4377ce28
 def train_config(cohort, encoder='virtues', task='semantic', preset='tiny', epochs=None, weights=None, split='holdout',
-                 bs=None):
-    "The `RunConfig` that `spseg train` runs on the cohort folder `cohort` (`bs`: the preset's batch if None)."
+                 bs=None, markers=None):
+    "The `RunConfig` that `spseg train` runs on `cohort` (`bs`: the preset's if None; `markers`: ESM folder or 'random')."
+    if markers not in (None, 'random') and not Path(markers).is_dir():
+        raise FileNotFoundError(f'{markers}: no such folder of ESM marker embeddings (<UniProtID>.pt files)')
     root = Path(cohort).absolute()
     if not list_tissues(root): raise DataError(root, 'no labelled tissue folders (with mask.tif) in the cohort')
     if weights is not None and not Path(weights).is_file(): raise FileNotFoundError(f'{weights}: no such weights file')
     if epochs is None: epochs = max(1, round(30 * PRESETS[preset]['epoch_scale']))
     return preset_config(preset, name=f'{task}-{encoder}', root=str(root), task=task, encoder=encoder, epochs=epochs,
                          encoder_weights=str(Path(weights).absolute()) if weights else None, split=split,
+                         marker_embeddings=str(Path(markers).absolute()) if markers not in (None, 'random') else markers,
                          **({} if bs is None else dict(bs=bs)))
 
 # %% ../nbs/09_cli.ipynb #26483c5c
@@ -226,11 +230,27 @@ def _weights_copy(run, cfg):
     "Where the run folder `run` keeps its copy of the encoder weights of `cfg`."
     return Path(run)/f'encoder{Path(cfg.encoder_weights).suffix}'
 
+def _markers_copy(run):
+    "Where the run folder `run` keeps its copy of the ESM marker embeddings (one `<UniProtID>.pt` per marker)."
+    return Path(run)/'esm'
+
+def _copy_markers(run, cfg):
+    "Copy the ESM files of the markers `cfg` reads into the run folder (atomically, file by file)."
+    for m in MARKERS:
+        f = Path(cfg.marker_embeddings)/f'{MARKER_UNIPROT[m]}.pt'
+        atomic_write_bytes(_markers_copy(run)/f.name, _chunks(f))
+
+def _run_encoder_config(run, cfg):
+    "`cfg` with its weights and ESM folder pointing at the run folder's copies."
+    if cfg.encoder_weights: cfg = replace(cfg, encoder_weights=str(_weights_copy(run, cfg)))
+    if cfg.marker_embeddings not in (None, 'random'): cfg = replace(cfg, marker_embeddings=str(_markers_copy(run)))
+    return cfg
+
 # %% ../nbs/09_cli.ipynb #5e9772b3
 def train(cohort, out, encoder='virtues', task='semantic', preset='tiny', epochs=None, weights=None, split='holdout',
-          device=None, progress=False, cache=None, bs=None):
+          device=None, progress=False, cache=None, bs=None, markers=None):
     "Train one run on `cohort` and make `out` its self-contained run folder; return its metrics (reused if done).\n    The encoder's states are cached in `cache` (kept; see `embed`), or in a work folder removed at the end.\n    Under torchrun: data-parallel over the processes (`bs` is the batch of one step over all); rank 0 writes."
-    cfg, run = train_config(cohort, encoder, task, preset, epochs, weights, split, bs), Path(out)
+    cfg, run = train_config(cohort, encoder, task, preset, epochs, weights, split, bs, markers), Path(out)
     with process_group(device):
         if not on_rank0(finished_train, cfg, run):
             work = run.parent/f'.{run.name}.work'
@@ -238,6 +258,7 @@ def train(cohort, out, encoder='virtues', task='semantic', preset='tiny', epochs
             if rank_distrib() == 0:
                 done, (train_ids, _) = work/cfg.run_name, split_tissues([p.name for p in list_tissues(cfg.root)], cfg.split)
                 if cfg.encoder_weights: atomic_write_bytes(_weights_copy(run, cfg), _chunks(cfg.encoder_weights))
+                if cfg.marker_embeddings not in (None, 'random'): _copy_markers(run, cfg)
                 for f in RUN_FILES:
                     if f == 'sp_stats.json': sp_stats(cfg.root, train_ids).save(run/f)
                     else: atomic_write_bytes(run/f, _chunks(done/f))
@@ -245,15 +266,27 @@ def train(cohort, out, encoder='virtues', task='semantic', preset='tiny', epochs
         return on_rank0(lambda: json.loads((run/'metrics.json').read_text()))
 
 # %% ../nbs/09_cli.ipynb #9532a7f3
-def embed(cohort, out, encoder='virtues', preset='tiny', weights=None, split='holdout', device=None):
+def embed(cohort, out, encoder='virtues', preset='tiny', weights=None, split='holdout', device=None, markers=None):
     "`spseg embed`: the encoder's states of the split's tiles of `cohort`, cached under `out`; the cache's folder.\n    Under torchrun the tissues are shared out over the processes, each encoded by one."
-    cfg = train_config(cohort, encoder, 'semantic', preset, None, weights, split)
+    cfg = train_config(cohort, encoder, 'semantic', preset, None, weights, split, markers=markers)
     with process_group(device):
         enc = make_encoder(cfg)
         if num_distrib() > 1:
             ids = split_tissues([p.name for p in list_tissues(cfg.root)], cfg.split)
             build_split_cache(out, cfg.root, *ids, enc, cfg.tile, device)
         return on_rank0(lambda: run_cache(cfg, out, enc, rank_device(device))[0].path)
+
+# %% ../nbs/09_cli.ipynb #2b181f9f
+from .pretrain import PRETRAIN_RECIPES, pretrain_encoder
+
+# %% ../nbs/09_cli.ipynb #b434d3df
+def pretrain(cohort, out, encoder='virtues', preset='tiny', minutes=None, epochs=None, seed=0, split='holdout'):
+    "`spseg pretrain`: pretrain `encoder` on the training tissues of `split` of `cohort` (`'all'`: every tissue), save\n    it at `out` (resumable); a line saying what was done."
+    if not list_tissues(cohort): raise DataError(Path(cohort), 'no labelled tissue folders (with mask.tif) in the cohort')
+    r = pretrain_encoder(cohort, encoder, out, preset, minutes, epochs, seed, None if split == 'all' else split,
+                         progress=True)
+    done = f"{r['trained']} of {r['epochs']} epochs in {r['seconds'] / 60:.1f} min" if r['trained'] else 'found, kept'
+    return f"{out}: {encoder} ({preset}), {done}; use it with `spseg train --encoder {encoder} --weights {out}`"
 
 # %% ../nbs/09_cli.ipynb #51f0f2ca
 def load_run(run, device=None):
@@ -262,7 +295,7 @@ def load_run(run, device=None):
     if not run.is_dir(): raise FileNotFoundError(f'{run}: no such run folder')
     cfg = run_config(run)
     if not (run/'sp_stats.json').is_file(): raise FileNotFoundError(f'{run}: no sp_stats.json; not a finished run')
-    enc = make_encoder(replace(cfg, encoder_weights=str(_weights_copy(run, cfg))) if cfg.encoder_weights else cfg)
+    enc = make_encoder(_run_encoder_config(run, cfg))
     model = tile_model(load_run_model(run, enc), enc)
     return model.to(device or 'cpu'), cfg, SPStats.load(run/'sp_stats.json')
 
@@ -513,6 +546,8 @@ def _add_train(sub):
     t.add_argument('--bs', type=int, default=None,
                    help="the batch of one step (over all processes under torchrun); default: the preset's")
     t.add_argument('--weights', default=None, help='encoder checkpoint (default: random initialisation)')
+    t.add_argument('--markers', default=None,
+                   help="with official VirTues --weights: the folder of ESM marker embeddings (<UniProtID>.pt), or 'random'")
     t.add_argument('--split', default='holdout', help='holdout or sequential')
     t.add_argument('--cache', default=None, help='folder of encoder-state caches to use and keep (see `spseg embed`)')
     t.add_argument('--device', default=None)
@@ -523,6 +558,7 @@ def _add_train(sub):
     e.add_argument('--encoder', choices=list(ENCODERS), default='virtues')
     e.add_argument('--preset', choices=list(PRESETS), default='tiny')
     e.add_argument('--weights', default=None)
+    e.add_argument('--markers', default=None, help="ESM folder for official VirTues --weights, or 'random'")
     e.add_argument('--split', default='holdout')
     e.add_argument('--device', default=None)
 
@@ -552,13 +588,26 @@ def _add_docs(sub):
     m.add_argument('--index', default='nbs/index.ipynb')
     m.add_argument('--out', default='README.md')
 
+# %% ../nbs/09_cli.ipynb #14698da4
+def _add_pretrain(sub):
+    "The `pretrain` subcommand."
+    p = sub.add_parser('pretrain', help='self-supervised pretraining of an encoder on a cohort; CKPT loads as --weights')
+    p.add_argument('cohort')
+    p.add_argument('--encoder', choices=list(PRETRAIN_RECIPES), default='virtues', help='SP (virtues) or H&E (cellvit)')
+    p.add_argument('--out', required=True, help='the checkpoint to write (virtues: .safetensors; cellvit: .pth)')
+    p.add_argument('--minutes', type=float, default=None, help='about how long to train (default 10)')
+    p.add_argument('--epochs', type=int, default=None, help='epochs over the tile bank, instead of --minutes')
+    p.add_argument('--preset', choices=list(PRESETS), default='tiny')
+    p.add_argument('--seed', type=int, default=0)
+    p.add_argument('--split', default='holdout', help="its training tissues are used (holdout, sequential, or all)")
+
 # %% ../nbs/09_cli.ipynb #65a0bce3
 def make_parser():
     "The argument parser of the `spseg` command."
     p = argparse.ArgumentParser(prog='spseg',
                                 description='Nuclei segmentation from paired H&E and spatial-proteomics images.')
     sub = p.add_subparsers(dest='cmd', required=True)
-    for add in (_add_jobs, _add_train, _add_predict, _add_docs): add(sub)
+    for add in (_add_jobs, _add_train, _add_predict, _add_docs, _add_pretrain): add(sub)
     return p
 
 # %% ../nbs/09_cli.ipynb #503c0984
@@ -571,9 +620,10 @@ def _dispatch(a):
         print('\n'.join(map(str, paths)))
     elif a.cmd == 'train':
         m = train(a.cohort, a.out, a.encoder, a.task, a.preset, a.epochs, a.weights, a.split, a.device, True, a.cache,
-                  a.bs)
+                  a.bs, a.markers)
         print(f'{a.out}: ' + ', '.join(f'{k} {m[k]:.4f}' for k in ('mean_dice', 'binary_dice', 'hv_mse') if k in m))
-    elif a.cmd == 'embed': print(embed(a.cohort, a.out, a.encoder, a.preset, a.weights, a.split, a.device))
+    elif a.cmd == 'pretrain': print(pretrain(a.cohort, a.out, a.encoder, a.preset, a.minutes, a.epochs, a.seed, a.split))
+    elif a.cmd == 'embed': print(embed(a.cohort, a.out, a.encoder, a.preset, a.weights, a.split, a.device, a.markers))
     elif a.cmd == 'predict': predict(a.paths, a.out, a.evaluate, a.mpp, a.bs, a.device)
     elif a.cmd == 'site': print(build_site(a.out, a.nbs, a.quarto, a.n_workers)/'index.html')
     elif a.cmd == 'readme': print(write_readme(a.index, a.out))

@@ -111,7 +111,8 @@ def _matmul(n, bf16, device):
     "A function computing one `n`×`n` float32 matmul on `device`, under bf16 autocast if `bf16`; synchronised."
     import torch
     device = torch.device(device)
-    a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
+    g = torch.Generator().manual_seed(0)                                # its own: the global RNG is not touched
+    a, b = (torch.randn(n, n, generator=g).to(device) for _ in range(2))
     def run():
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16): a @ b
         if device.type == 'cuda': torch.cuda.synchronize(device)

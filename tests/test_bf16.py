@@ -156,3 +156,14 @@ def test_model_without_encoder_stays_float32(monkeypatch):
     _fake_speed(monkeypatch, 3.0)
     assert model_precision(nn.Conv2d(3, 3, 1)).dtype == 'float32'
     assert model_precision(nn.Conv2d(3, 3, 1), amp=True).dtype == 'bfloat16'
+
+
+def test_measuring_leaves_the_global_rng_alone():
+    "Timing the matmuls draws from its own generator: a seeded run draws the same numbers with or without it."
+    import torch
+    from spseg.core import matmul_gflops
+    torch.manual_seed(0)
+    want = torch.rand(3)
+    torch.manual_seed(0)
+    matmul_gflops(64, reps=1)
+    assert torch.equal(torch.rand(3), want)

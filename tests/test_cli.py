@@ -98,7 +98,10 @@ def test_predict_unlabelled_and_evaluate(job):
     s = json.loads((job/'out'/'tissue_003'/'scores.json').read_text())
     assert list(s['per_class_dice']) == CLASSES and {'bpq', 'aji', 'det_f1'} <= set(s)
     m = json.loads((job/'semantic'/'metrics.json').read_text())
-    assert abs(s['mean_dice'] - m['mean_dice']) < 1e-6      # the held-out tissue is the run's validation split
+    # the held-out tissue is the run's validation split: the run scored float16-cached states of its tile grid,
+    # prediction computes float32 states on overlapping windows; the last block's raw output (z4) is not layer-normed,
+    # so the float16 rounding flips the argmax of a few near-tied pixels of this 1-epoch model (measured 1.4e-5)
+    assert abs(s['mean_dice'] - m['mean_dice']) < 1e-4
 
 def test_predict_rerun_skips_finished_tissues(job, tmp_path):
     "A tissue whose `prediction.json` matches is not predicted again; another pixel size, or a cut run, is."
@@ -175,3 +178,25 @@ def test_bad_input_exits_2(job, tmp_path, capsys, args, path):
     assert main([f(a) for a in args] + ['--out', str(tmp_path/'o')]) == 2
     err = capsys.readouterr().err
     assert f(path) in err and len(err.strip().splitlines()) == 1
+
+def test_official_virtues_weights_need_their_marker_embeddings(job, tmp_path):
+    "Official VirTues weights without `--markers` stop before training; with the ESM folder the run keeps a copy of it."
+    import torch
+    from spseg.checkpoints import MARKER_UNIPROT, official_virtues_key, write_safetensors
+    from spseg.data import MARKERS
+    from spseg.encoders import VirTuesEncoder
+    esm = torch.randn(len(MARKERS), 640)
+    enc = VirTuesEncoder('tiny', esm=esm)
+    w = write_safetensors({official_virtues_key(k): v for k, v in enc.state_dict().items()}, tmp_path/'model.safetensors')
+    (tmp_path/'esm').mkdir()
+    for m, v in zip(MARKERS, esm): torch.save(v.clone(), tmp_path/'esm'/f'{MARKER_UNIPROT[m]}.pt')
+    r = run('train', str(job/'cohort'), '--out', str(tmp_path/'no'), '--weights', str(w), '--epochs', '1')
+    assert r.returncode == 2 and 'model.safetensors: no ESM marker embeddings' in r.stderr and not (tmp_path/'no').exists()
+    r = run('train', str(job/'cohort'), '--out', str(tmp_path/'run'), '--weights', str(w), '--markers', str(tmp_path/'esm'),
+            '--epochs', '1')
+    assert r.returncode == 0, r.stderr
+    assert sorted(p.name for p in (tmp_path/'run'/'esm').iterdir()) == sorted({f'{MARKER_UNIPROT[m]}.pt' for m in MARKERS})
+    shutil.rmtree(tmp_path/'esm')                               # prediction reads the run folder's copies only
+    r = run('predict', str(tmp_path/'run'), str(job/'new'), '--out', str(tmp_path/'out'))
+    assert r.returncode == 0, r.stderr
+    check_outputs(tmp_path/'out'/'new')

@@ -163,3 +163,38 @@ def test_run_variants(cohort, tmp_path, kw):
         assert res['monitor']['best'] == pytest.approx(res['best_valid_loss'])
     else:
         assert 0 <= res['mean_dice'] <= 1 and res['monitor']['name'] == 'mean_dice'
+
+
+def test_augmented_run_keeps_the_encoder_frozen_and_uses_all_three_augmentations(cohort, tmp_path, monkeypatch):
+    "Table 5's augmentation: raw tiles through the frozen encoder, with flips/rotations, H&E jitter and channel dropout."
+    import spseg.augment as A
+    calls = dict(dihedral=0, jitter=0, dropout=0)
+    def counting(name, fn):
+        def f(*a, **k):
+            calls[name] += 1
+            return fn(*a, **k)
+        return f
+    for name, attr in dict(dihedral='dihedral_batch', jitter='jitter_he_batch', dropout='channel_dropout').items():
+        monkeypatch.setattr(A, attr, counting(name, getattr(A, attr)))
+    cfg = preset_config('tiny', name='aug', root=str(cohort), epochs=1, augment=True)
+    enc = make_encoder(cfg)
+    model = make_model(cfg, enc)
+    assert isinstance(model, EncoderDecoder) and model.freeze_encoder
+    assert not any(p.requires_grad for p in model.encoder.parameters())
+    run_experiment(cfg, tmp_path/'runs', cache_dir=tmp_path/'caches')
+    n_batches = 1                                           # 4 training tiles, batch size 4
+    assert calls == dict(dihedral=n_batches, jitter=n_batches, dropout=n_batches)
+    best = torch.load(tmp_path/'runs'/cfg.run_name/'best.pth', weights_only=True)
+    for k, v in enc.state_dict().items(): assert torch.equal(best[f'encoder.{k}'], v), k   # the encoder did not move
+    assert not (tmp_path/'caches').exists()                 # no cache: states are computed on the augmented tiles
+
+
+def test_large_splits_are_read_lazily(cohort, tmp_path):
+    "Above the preload budget `run_data` keeps no items in memory and serves the same items from the files."
+    cfg = preset_config('tiny', name='lazy', root=str(cohort), split='holdout')
+    enc = make_encoder(cfg)
+    eager, *_ = E.run_data(cfg, tmp_path/'c', enc)
+    lazy, *_ = E.run_data(cfg, tmp_path/'c', enc, preload_bytes=0)
+    assert eager.items is not None and lazy.items is None and len(lazy) == len(eager)
+    for i in range(len(eager)):
+        for a, b in zip(lazy[i], eager[i]): assert torch.equal(a, b)

@@ -1,23 +1,24 @@
-"Pretraining: MAE steps learn, masks hide what they hide, learners pick the model's loss, resuming, the probe."
+"Pretraining: MAE steps learn, masks hide what they hide, targets, resuming, checkpoints in the published formats, the CLI."
+import subprocess, sys
 import numpy as np, pytest, torch
+from fastai.callback.core import Callback
 from conftest import two_tissue_cohort
-from spseg.data import sp_stats, list_tissues, write_tissue, TileDataset, IGNORE_INDEX
+from spseg.data import sp_stats, TileDataset, IGNORE_INDEX
 from spseg.encoders import VirTuesEncoder, CellViTEncoder
-from spseg.pretrain import (VirTuesMAE, ViTMAE, mse_all_pixels, mse_masked_patches, tile_bank, BankTiles, mae_learner,
-                            fit_resumable, probe_tokens, linear_probe)
+from spseg.checkpoints import load_virtues, load_cellvit_vit256, read_safetensors, official_virtues_key
+from spseg.pretrain import (VirTuesMAE, ViTMIM, mse_recon, patch_targets, neighbourhoods, tile_bank, BankTiles,
+                            mae_learner, fit_resumable, probe_tokens, linear_probe, pretrain_encoder,
+                            ResumableCheckpoint)
 
 def test_virtues_mae_step():
     torch.manual_seed(0)
     mae = VirTuesMAE(VirTuesEncoder('tiny'))
     x = torch.randn(2, 16, 32, 32)
-    mask = mae.sample_mask(2, 16, 4, 4)
-    frac = mask.float().mean((2, 3))
-    assert ((frac >= 0.5) & (frac <= 1)).all()
     opt = torch.optim.AdamW(mae.parameters(), lr=3e-3)
     losses = []
     for _ in range(8):
         torch.manual_seed(1)                     # the same mask every step: a pure optimisation check
-        loss = mse_all_pixels(mae(x))
+        loss = mse_recon(mae(x))
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -31,28 +32,47 @@ def test_virtues_mae_step():
     y[0, 3, 8:16, 16:24] += 5
     with torch.no_grad(): torch.testing.assert_close(enc(x[:1], mask=m)[0], enc(y, mask=m)[0])
 
-def test_virtues_mae_patch4():
-    mae = VirTuesMAE(VirTuesEncoder('tiny', patch=4))
-    pred, target = mae(torch.randn(1, 16, 24, 24))
-    assert pred.shape == target.shape == (1, 16, 6, 6, 16)
-
-def test_vit_mae_step():
+def test_virtues_mask_ratio_and_whole_channels():
     torch.manual_seed(0)
-    mae = ViTMAE(CellViTEncoder('tiny'))
-    pred, target, masked = mae(torch.randn(2, 3, 64, 64))
-    assert pred.shape == target.shape == (2, 16, 768) and masked.sum(1).tolist() == [12, 12]
-    mse_masked_patches((pred, target, masked)).backward()
+    mae = VirTuesMAE(VirTuesEncoder('tiny'), ratio=(.3, .6), channel_p=0)
+    frac = mae.sample_mask(8, 16, 10, 10).float().mean((2, 3))
+    assert (frac >= .3).all() and (frac <= .6).all()
+    mae.channel_p = 1.
+    assert mae.sample_mask(2, 16, 4, 4).all()
+
+def test_virtues_mae_patch4_and_targets():
+    mae = VirTuesMAE(VirTuesEncoder('tiny', patch=4), target='pixels')
+    x = torch.randn(1, 16, 24, 24)
+    pred, target = mae(x)
+    assert pred.shape == target.shape == (1, 16, 6, 6, 16)
+    assert torch.equal(target[0, 2, 1, 3], x[0, 2, 4:8, 12:16].reshape(-1))
+    means = patch_targets(x, 4)
+    assert torch.allclose(means[0, 2, 1, 3], x[0, 2, 4:8, 12:16].mean().expand(16))
+
+def test_vit_mim_step():
+    torch.manual_seed(0)
+    mae = ViTMIM(CellViTEncoder('tiny'))
+    x = torch.randn(2, 3, 64, 64)
+    pred, target = mae(x)
+    assert pred.shape == target.shape == (2, 16, 432)
+    assert torch.equal(target, neighbourhoods(x, 16))
+    mse_recon((pred, target)).backward()
+    assert mae.encoder.patch_embed.proj.weight.grad.abs().sum() > 0
 
 def test_each_mae_names_its_loss():
-    assert VirTuesMAE.loss_func is mse_all_pixels and ViTMAE.loss_func is mse_masked_patches
+    assert VirTuesMAE.loss_func is mse_recon and ViTMIM.loss_func is mse_recon
     bank = torch.randn(6, 16, 32, 32).half()
     learn = mae_learner(VirTuesMAE(VirTuesEncoder('tiny')), BankTiles(bank[:4]), BankTiles(bank[4:], False), bs=2)
-    assert learn.loss_func is mse_all_pixels
+    assert learn.loss_func is mse_recon
 
 @pytest.fixture
-def cohort(tmp_path):
-    paths = two_tissue_cohort(tmp_path/'cohort', 240, 120)
-    return TileDataset(paths, sp_stats(tmp_path/'cohort', ['t0']), margin=0)
+def cohort_dir(tmp_path):
+    two_tissue_cohort(tmp_path/'cohort', 240, 120)
+    return tmp_path/'cohort'
+
+@pytest.fixture
+def cohort(cohort_dir):
+    return TileDataset(sorted(cohort_dir.iterdir()), sp_stats(cohort_dir, ['t0']), margin=0)
 
 def test_tile_bank_and_bank_tiles(cohort):
     sp, he = tile_bank(cohort, [0, 3], 'sp'), tile_bank(cohort, modality='he')
@@ -72,6 +92,7 @@ def test_fit_resumable(tmp_path):
     with (l2 := learner()).no_bar(): assert fit_resumable(l2, 2, 1e-3, ck) == 1
     assert torch.load(ck, weights_only=False)['epochs_done'] == 2
     assert [p.name for p in tmp_path.iterdir()] == ['ck.pth']
+    with (l3 := learner()).no_bar(): assert fit_resumable(l3, 2, 1e-3, ck, meta='other run') == 2
 
 @pytest.mark.parametrize('make,step', [(lambda: VirTuesEncoder('tiny'), 8), (lambda: CellViTEncoder('tiny'), 8),
                                        (lambda: VirTuesEncoder('tiny', patch=4), 4)])
@@ -89,3 +110,58 @@ def test_linear_probe_ignores_padding():
     y = (x[:, 0] > 0).long()
     y[::5] = IGNORE_INDEX
     assert linear_probe(x[:300], y[:300], x[300:], y[300:]) > 0.9
+
+# ---- pretrain_encoder: checkpoints in the published formats, resuming ------------------------------------------
+
+def test_virtues_checkpoint_has_official_keys_and_round_trips(cohort_dir, tmp_path):
+    res = pretrain_encoder(cohort_dir, 'virtues', tmp_path/'v.safetensors', epochs=1, split=None)
+    sd, meta = read_safetensors(res['path'])
+    ours = res['encoder'].state_dict()
+    assert set(sd) == {official_virtues_key(k) for k in ours}
+    assert 'encoder.encoder.3.encoder_layer.feedforward.3.weight' in sd and 'encoder.marker_embedding' in sd
+    loaded = load_virtues(res['path'])
+    assert loaded.state_dict().keys() == ours.keys()
+    assert all(torch.equal(loaded.state_dict()[k], ours[k]) for k in ours)
+    fresh = VirTuesEncoder('tiny')                  # it trained: the weights are not a fresh initialisation's
+    assert not torch.equal(fresh.patch_encoder.weight, loaded.patch_encoder.weight)
+
+def test_cellvit_checkpoint_round_trips(cohort_dir, tmp_path):
+    res = pretrain_encoder(cohort_dir, 'cellvit', tmp_path/'vit.pth', epochs=1, split=None)
+    loaded, ours = load_cellvit_vit256(res['path']).state_dict(), res['encoder'].state_dict()
+    assert loaded.keys() == ours.keys() and all(torch.equal(loaded[k], ours[k]) for k in ours)
+
+class Crash(Callback):
+    "Fail after the first epoch, once the state file is written."
+    order = ResumableCheckpoint.order + 1
+    def after_epoch(self):
+        if self.epoch == 0: raise RuntimeError('crash')
+
+def test_resumed_pretraining_continues(cohort_dir, tmp_path):
+    out = tmp_path/'v.safetensors'
+    state = tmp_path/'.v.safetensors.pretrain.pth'
+    with pytest.raises(RuntimeError, match='crash'):
+        pretrain_encoder(cohort_dir, out=out, epochs=3, split=None, cbs=[Crash()])
+    assert not out.exists() and state.exists()
+    st = torch.load(state, weights_only=False)
+    assert st['epochs_done'] == 1 and st['n_epoch'] == 3
+    res = pretrain_encoder(cohort_dir, out=out, epochs=3, split=None)
+    assert (res['epochs'], res['trained']) == (3, 2)
+    assert out.exists() and not state.exists()
+    saved = {k: v for k, v in st['model'].items() if k.startswith('encoder.')}
+    assert any(not torch.equal(v, res['encoder'].state_dict()[k[len('encoder.'):]]) for k, v in saved.items())
+    # a finished checkpoint is kept, not trained again
+    assert pretrain_encoder(cohort_dir, out=out, epochs=3, split=None)['trained'] == 0
+
+def test_unknown_encoder_is_an_error(cohort_dir, tmp_path):
+    with pytest.raises(ValueError, match='encoder must be one of'):
+        pretrain_encoder(cohort_dir, 'resnet', tmp_path/'x.pth', epochs=1)
+
+def test_cli_pretrain_writes_a_loadable_checkpoint(cohort_dir, tmp_path):
+    out = tmp_path/'cli.safetensors'
+    code = 'import sys; from spseg.cli import main; sys.exit(main(sys.argv[1:]))'
+    r = subprocess.run([sys.executable, '-c', code, 'pretrain', str(cohort_dir), '--encoder', 'virtues', '--out', str(out),
+                        '--minutes', '0.01', '--split', 'all'], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert str(out) in r.stdout
+    enc = load_virtues(out)
+    assert enc.cfg.dim == 64 and enc.marker_names == VirTuesEncoder('tiny').marker_names
