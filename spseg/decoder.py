@@ -98,31 +98,43 @@ class GlobalContext(nn.Module):
         return _grid(t, h, w)
 
 # %% ../nbs/02_decoder.ipynb #f92b850e
+def _windows(x, w):
+    "`(B·n, w·w, C)` tokens of the non-overlapping `w`×`w` windows of `x (B, C, H, W)` (H, W multiples of `w`)."
+    B, Cc, H, W = x.shape
+    return x.view(B, Cc, H // w, w, W // w, w).permute(0, 2, 4, 3, 5, 1).reshape(-1, w * w, Cc)
+
+def _unwindows(t, w, B, H, W):
+    "The `(B, C, H, W)` map of the window tokens `t` of `_windows`."
+    return t.view(B, H // w, W // w, w, w, -1).permute(0, 5, 1, 3, 2, 4).reshape(B, -1, H, W)
+
 class MaskedSelfAttention(nn.Module):
-    "Self-attention among predicted foreground positions only; returns `(x + gated update, foreground logits)`."
-    def __init__(self, dim, n_heads=4, threshold=0.5):
+    "Self-attention among predicted foreground positions of each window; returns `(x + gated update, fg logits)`."
+    def __init__(self, dim, n_heads=4, threshold=0.5, window=16):
         super().__init__()
-        self.n_heads, self.threshold = _n_heads(dim, n_heads), threshold
+        self.n_heads = _n_heads(dim, min(n_heads, max(1, dim // 16)))   # heads of at least 16 channels
+        self.threshold, self.window = threshold, window
         self.foreground = nn.Conv2d(dim, 1, 1)
         self.norm, self.qkv, self.proj = nn.LayerNorm(dim), nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
 
-    def attend(self, t):
-        "Plain multi-head self-attention over the tokens `t` `(n, C)` of one image."
-        n, C = t.shape
-        q, k, v = self.qkv(t).reshape(n, 3, self.n_heads, C // self.n_heads).permute(1, 2, 0, 3)
-        return self.proj(F.scaled_dot_product_attention(q, k, v).transpose(0, 1).reshape(n, C))
+    def attend(self, t, keep):
+        "Multi-head attention of each window's tokens `t (n, L, C)` to its `keep` `(n, L)` tokens and to themselves."
+        n, L, C = t.shape
+        q, k, v = self.qkv(t).reshape(n, L, 3, self.n_heads, C // self.n_heads).permute(2, 0, 3, 1, 4)
+        mask = keep[:, None, None, :] | torch.eye(L, dtype=torch.bool, device=t.device)
+        o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        return self.proj(o.transpose(1, 2).reshape(n, L, C))
 
     def forward(self, x):
-        h, w = x.shape[-2:]
+        B, _, H, W = x.shape
         fg_logit = self.foreground(x)
-        prob = fg_logit.sigmoid().flatten(1)                      # (B, N)
-        keep = prob.detach() > self.threshold
-        t = self.norm(_tokens(x))
-        upd = torch.zeros_like(t)
-        for b in range(x.shape[0]):
-            idx = keep[b].nonzero().flatten()
-            if len(idx): upd[b, idx] = self.attend(t[b, idx])
-        return x + _grid(upd * prob[..., None], h, w), fg_logit
+        prob = fg_logit.sigmoid()
+        keep = prob.detach() > self.threshold                     # (B, 1, H, W)
+        w = self.window
+        pad = (0, -W % w, 0, -H % w)
+        xp, kp = F.pad(x, pad), F.pad(keep, pad)
+        upd = self.attend(self.norm(_windows(xp, w)), _windows(kp, w)[..., 0])
+        upd = _unwindows(upd, w, B, *xp.shape[-2:])[..., :H, :W]
+        return x + upd * (keep * prob), fg_logit
 
 # %% ../nbs/02_decoder.ipynb #6321cec5
 def _up(doubles, c_in, c_out): return (upsample2 if doubles else keep_size)(c_in, c_out)

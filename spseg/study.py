@@ -8,7 +8,7 @@ import json, math, time
 from dataclasses import replace
 from pathlib import Path
 import numpy as np, pandas as pd, torch
-from .core import atomic_path, atomic_write_json, atomic_write_text, digest
+from .core import atomic_path, atomic_write_json, atomic_write_text, digest, jsonable
 from .data import (CLASSES, N_CLASSES, class_cmap, class_legend, class_shares, list_tissues, load_tissue,
                         split_tissues)
 from .synthetic import read_recipe
@@ -23,8 +23,8 @@ __all__ = ['TABLES', 'EXTENSIONS', 'TASK_SCORES', 'INSTANCE_SCORES', 'BASELINE_N
            'FIGURES', 'row_fields', 'row_label', 'table_configs', 'check_cohort', 'epoch_scores', 'per_class_columns',
            'run_record', 'instance_counts', 'held_out_maps', 'held_out_scores', 'majority_class_scores',
            'trivial_instance_scores', 'baseline_record', 'study_numbers', 'table_frame', 'compare_rows',
-           'baseline_sentence', 'agreement', 'table_runs', 'write_csv', 'cohort_record', 'write_figure', 'curve_frame',
-           'plot_curves', 'plot_per_class', 'plot_type_maps', 'type_maps', 'write_figures', 'run_study']
+           'baseline_sentence', 'agreement', 'table_runs', 'write_csv', 'cohort_record', 'merge_record', 'write_figure',
+           'curve_frame', 'plot_curves', 'plot_per_class', 'plot_type_maps', 'type_maps', 'write_figures', 'run_study']
 
 # %% ../nbs/08b_study.ipynb #c3baaccc
 TABLES = {s['table']: k for k, s in STUDIES.items()}   # table number -> study key of `spseg.experiments.STUDIES`
@@ -297,6 +297,15 @@ def cohort_record(cohort, tables, preset='tiny', seeds=1, **overrides):
                 recipe=read_recipe(cohort), preset=preset, seeds=seeds, tables=list(tables), epochs=epochs,
                 overrides=overrides, versions=dict(spseg=__version__, torch=torch.__version__))
 
+def merge_record(path, rec):
+    "`rec` with the tables and epochs of the record at `path` kept, when it describes the same cohort and settings."
+    if not Path(path).is_file(): return rec
+    old = json.loads(Path(path).read_text())
+    same = lambda k: old.get(k) == jsonable(rec[k])
+    if not all(same(k) for k in ('tissues', 'recipe', 'preset', 'seeds', 'overrides')): return rec
+    epochs = {**{int(t): n for t, n in old['epochs'].items()}, **rec['epochs']}
+    return dict(rec, tables=sorted(set(old['tables']) | set(rec['tables'])), epochs=dict(sorted(epochs.items())))
+
 # %% ../nbs/08b_study.ipynb #8edf9ed6
 def write_figure(fig, path, dpi=100):
     "Save the matplotlib `fig` to `path` as PNG atomically, and close it."
@@ -393,7 +402,8 @@ def run_study(cohort, out, tables=(2, 3, 4, 5, 6, 7, 8), preset='tiny', seeds=1,
     "Run the study's `tables` on `cohort` into `out`, resumably: `table<N>.csv`, `runs.csv`, `cohort.json`, figures."
     out, tables, frames, records = Path(out), [int(t) for t in tables], {}, []
     check_cohort(cohort, tables)
-    atomic_write_json(out/'cohort.json', cohort_record(cohort, tables, preset, seeds, **overrides))
+    rec = cohort_record(cohort, tables, preset, seeds, **overrides)
+    atomic_write_json(out/'cohort.json', merge_record(out/'cohort.json', rec))
     for t in tables:
         res = table_runs(t, cohort, out, preset, seeds, device, progress, **overrides)
         folds = {(c.split, c.fold): c for k, c, _ in res if k == 'study' and c.seed == 0}
