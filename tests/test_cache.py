@@ -36,7 +36,7 @@ def test_cache_equals_states(tmp_path, cohort):
     paths, st = cohort
     from spseg.data import TileDataset
     enc = _enc().eval()
-    c = build_cache(tmp_path/'c', paths[:1], enc, st, bs=4)
+    c = build_cache(tmp_path/'c', paths[:1], enc, st, bs=4, amp=False)   # float32, as the reference below
     sp, he = (torch.from_numpy(a)[None] for a in TileDataset(paths[:1], st, margin=0).read(2)[:2])
     with torch.no_grad(): ref = enc.states(sp=sp, he=he)[0].numpy()
     np.testing.assert_allclose(c.read('t0', 2), ref.astype(np.float16).astype(np.float32), rtol=0, atol=1e-6)
@@ -127,7 +127,7 @@ def test_fusion_cache_round_trip(tmp_path, cohort):
     from spseg.data import TileDataset
     paths, st = cohort
     f = _fusion().eval()
-    c = build_cache(tmp_path/'f', paths, f, st, bs=4)
+    c = build_cache(tmp_path/'f', paths, f, st, bs=4, amp=False)         # float32, as the reference below
     assert c.ids == ['t0', 't1'] and c.tissue('t1').shape == (4, 5, 128, 15, 15)
     ds = TileDataset(paths[1:], st, margin=0)
     sp, he = (torch.from_numpy(np.stack([ds.read(k)[j] for k in range(4)])) for j in (0, 1))
