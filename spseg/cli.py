@@ -4,7 +4,7 @@
 
 # %% ../nbs/09_cli.ipynb #9d2d1e43
 from __future__ import annotations
-import argparse, json, os, re, shutil, subprocess, sys, tempfile, time
+import argparse, contextlib, json, os, re, shutil, subprocess, sys, tempfile, time
 from pathlib import Path
 import numpy as np
 from .data import (CLASSES, TABLE1, MARKERS, N_CLASSES, class_cmap, class_legend, class_shares, list_tissues,
@@ -21,7 +21,7 @@ from .experiments import ENCODERS, PRESETS, RunConfig, make_encoder, preset_conf
 from fastai.torch_core import rank_distrib, num_distrib, distrib_barrier
 from .train import TASKS, build_split_cache, on_rank0, process_group, rank_device, rank_share
 from .instance import instance_table, postprocess
-from .inference import load_run_model, predict_tissue, run_config, tile_model, typed_nuclei
+from .inference import load_run_model, model_precision, predict_tissue, run_config, tile_model, typed_nuclei
 from .export import write_outputs
 from .study import agreement, run_study
 
@@ -246,6 +246,16 @@ def _run_encoder_config(run, cfg):
     if cfg.marker_embeddings not in (None, 'random'): cfg = replace(cfg, marker_embeddings=str(_markers_copy(run)))
     return cfg
 
+# %% ../nbs/09_cli.ipynb #d3710a4e
+@contextlib.contextmanager
+def _removed_if_bad_input(work):
+    "Remove the work folder `work`, if this block made it, when bad input stops the block; keep it to resume otherwise."
+    made = not Path(work).exists()
+    try: yield
+    except (DataError, CheckpointError):
+        if made: shutil.rmtree(work, ignore_errors=True)
+        raise
+
 # %% ../nbs/09_cli.ipynb #5e9772b3
 def train(cohort, out, encoder='virtues', task='semantic', preset='tiny', epochs=None, weights=None, split='holdout',
           device=None, progress=False, cache=None, bs=None, markers=None):
@@ -254,7 +264,8 @@ def train(cohort, out, encoder='virtues', task='semantic', preset='tiny', epochs
     with process_group(device):
         if not on_rank0(finished_train, cfg, run):
             work = run.parent/f'.{run.name}.work'
-            run_experiment(cfg, work, cache_dir=cache or work/'caches', device=device, progress=progress)
+            with _removed_if_bad_input(work):
+                run_experiment(cfg, work, cache_dir=cache or work/'caches', device=device, progress=progress)
             if rank_distrib() == 0:
                 done, (train_ids, _) = work/cfg.run_name, split_tissues([p.name for p in list_tissues(cfg.root)], cfg.split)
                 if cfg.encoder_weights: atomic_write_bytes(_weights_copy(run, cfg), _chunks(cfg.encoder_weights))
@@ -344,9 +355,10 @@ def check_runs(runs):
         raise ValueError(f'two runs must be one semantic and one instance run, got {" and ".join(tasks)}')
 
 # %% ../nbs/09_cli.ipynb #ae35d5ee
-def prediction_record(run_dirs, mpp=0.325, evaluate=False):
-    "What `prediction.json` records: the run folders with a digest of their weights, the pixel size, scoring."
-    runs = [dict(run=str(Path(r).absolute()), weights=digest(_chunks(Path(r)/'best.pth'))) for r in run_dirs]
+def prediction_record(run_dirs, mpp=0.325, evaluate=False, compute=None):
+    "What `prediction.json` records: the run folders with a digest of their weights and the arithmetic each runs in\n    (`compute`: a dtype name per run), the pixel size, scoring."
+    runs = [dict(run=str(Path(r).absolute()), weights=digest(_chunks(Path(r)/'best.pth')), compute=c)
+            for r, c in zip(run_dirs, compute or [None] * len(run_dirs))]
     return dict(runs=runs, mpp=mpp, evaluate=bool(evaluate), spseg=__version__)
 
 # %% ../nbs/09_cli.ipynb #0ff9c394
@@ -375,7 +387,8 @@ def predict(paths, out, evaluate=False, mpp=0.325, bs=16, device=None):
         runs = [load_run(r, device) for r in run_dirs]
         check_runs(runs)
         tissues = [load_tissue(p, require=()) for p in tissue_dirs]
-        record = prediction_record(run_dirs, mpp, evaluate)
+        compute = [model_precision(model, tile=cfg.tile).dtype for model, cfg, _ in runs]
+        record = prediction_record(run_dirs, mpp, evaluate, compute)
         for t in rank_share(tissues):
             if finished_prediction(Path(out)/t.id, record):
                 print(f'{t.id}: done before, in {Path(out)/t.id}')
@@ -593,7 +606,8 @@ def _add_pretrain(sub):
     "The `pretrain` subcommand."
     p = sub.add_parser('pretrain', help='self-supervised pretraining of an encoder on a cohort; CKPT loads as --weights')
     p.add_argument('cohort')
-    p.add_argument('--encoder', choices=list(PRETRAIN_RECIPES), default='virtues', help='SP (virtues) or H&E (cellvit)')
+    p.add_argument('--encoder', choices=list(PRETRAIN_RECIPES), default='virtues',
+                   help='SP (virtues), H&E (cellvit: learns to predict the paired SP; cellvit-mim: from H&E alone)')
     p.add_argument('--out', required=True, help='the checkpoint to write (virtues: .safetensors; cellvit: .pth)')
     p.add_argument('--minutes', type=float, default=None, help='about how long to train (default 10)')
     p.add_argument('--epochs', type=int, default=None, help='epochs over the tile bank, instead of --minutes')

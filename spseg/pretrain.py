@@ -16,15 +16,15 @@ from fastai.callback.progress import ProgressCallback   # progress bars, `Learne
 from fastai.callback.schedule import fit_one_cycle       # noqa: F401 (patches `Learner.fit_one_cycle`)
 from fastcore.basics import patch
 from .core import atomic_torch_save
-from .data import N_CLASSES, IGNORE_INDEX, DataError, TileDataset, list_tissues, split_tissues, sp_stats
+from .data import N_CLASSES, N_MARKERS, IGNORE_INDEX, DataError, TileDataset, list_tissues, split_tissues, sp_stats
 from .metrics import balanced_accuracy
 from .encoders import VirTuesEncoder, CellViTEncoder, patchify, he_for_vit, _init_weights
 from .checkpoints import save_virtues, load_virtues, save_cellvit_vit256, load_cellvit_vit256
 
 # %% auto #0
-__all__ = ['PRETRAIN_RECIPES', 'mse_recon', 'patch_targets', 'VirTuesMAE', 'neighbourhoods', 'ViTMIM', 'tile_bank', 'BankTiles',
-           'mae_learner', 'ResumableCheckpoint', 'fit_resumable', 'probe_tokens', 'linear_probe', 'pretrain_bank',
-           'seconds_per_step', 'pretrain_encoder']
+__all__ = ['PRETRAIN_RECIPES', 'mse_recon', 'patch_targets', 'VirTuesMAE', 'neighbourhoods', 'ViTMIM', 'ViTToSP', 'tile_bank',
+           'BankTiles', 'mae_learner', 'ResumableCheckpoint', 'fit_resumable', 'probe_tokens', 'linear_probe',
+           'pretrain_bank', 'seconds_per_step', 'pretrain_encoder']
 
 # %% ../nbs/01b_pretrain.ipynb #52953c69
 def mse_recon(out, *_):
@@ -78,7 +78,7 @@ def forward(self: VirTuesMAE, x, markers=None, mask=None):
 
 # %% ../nbs/01b_pretrain.ipynb #372d9f59
 def neighbourhoods(x, patch, pool=4, k=3):
-    "`(B, h*w, 3·(k·patch/pool)²)`: around each patch of `x`, the `k`×`k` patches centred on it, pooled by `pool`."
+    "`(B, h*w, C·(k·patch/pool)²)`: around each patch of `x (B, C, H, W)`, the `k`×`k` patches centred on it, pooled by `pool`."
     q = patch // pool
     return F.unfold(F.avg_pool2d(x, pool), k * q, padding=(k - 1) // 2 * q, stride=q).transpose(1, 2)
 
@@ -96,23 +96,54 @@ class ViTMIM(nn.Module):
 
 # %% ../nbs/01b_pretrain.ipynb #b4928b81
 @patch
-def forward(self: ViTMIM, x):
-    "`(prediction, target)`, both `(B, h*w, 3·(k·p/pool)²)`, of H&E images `x (B, 3, H, W)`."
-    enc, B = self.encoder, len(x)
-    cls, t, (h, w) = enc.tokens(x)
+def final_tokens(self: ViTMIM, he):
+    "Normed final patch tokens `(B, h*w, D)` of `he`, with `ratio` of its patch embeddings replaced by the mask token."
+    enc, B = self.encoder, len(he)
+    cls, t, (h, w) = enc.tokens(he)
     pe = enc.position_embedding(h, w)[:, 1:]
-    masked = torch.rand(B, h * w, device=x.device).argsort(1).argsort(1) < round(self.ratio * h * w)
+    masked = torch.rand(B, h * w, device=he.device).argsort(1).argsort(1) < round(self.ratio * h * w)
     t = torch.where(masked[..., None], self.mask_token.to(t.dtype) + pe, t)
     z = torch.cat([cls.expand(B, -1, -1), t], 1)
     for blk in enc.blocks: z = blk(z)
-    return self.dec_pred(enc.norm(z)[:, 1:]), neighbourhoods(x, enc.cfg.patch, self.pool, self.k)
+    return enc.norm(z)[:, 1:]
+
+# %% ../nbs/01b_pretrain.ipynb #2bfb92c3
+@patch
+def forward(self: ViTMIM, x):
+    "`(prediction, target)`, both `(B, h*w, 3·(k·p/pool)²)`, of H&E images `x (B, 3, H, W)`."
+    return self.dec_pred(self.final_tokens(x)), neighbourhoods(x, self.encoder.cfg.patch, self.pool, self.k)
+
+# %% ../nbs/01b_pretrain.ipynb #5d12130e
+@patch(as_prop=True)
+def reads(self: (VirTuesMAE, ViTMIM)):
+    "The images a pretraining model takes, cat along channels in this order: its encoder's."
+    return self.encoder.modalities
+
+# %% ../nbs/01b_pretrain.ipynb #e1e15c32
+class ViTToSP(ViTMIM):
+    "Cross-modal pretraining of the H&E ViT: each token predicts the paired SP's marker means over its neighbourhood."
+    def __init__(self, encoder: CellViTEncoder, ratio=0., k=1, n_markers=N_MARKERS):
+        super().__init__(encoder, ratio, pool=encoder.cfg.patch, k=k)
+        self.n_markers = n_markers
+        self.dec_pred = nn.Linear(encoder.cfg.dim, n_markers * k * k)
+        self.dec_pred.apply(_init_weights)
+    @property
+    def reads(self): return (*self.encoder.modalities, 'sp')
+
+# %% ../nbs/01b_pretrain.ipynb #a3906785
+@patch
+def forward(self: ViTToSP, x):
+    "`(prediction, target)`, both `(B, h*w, n_markers·k²)`, of H&E and its SP cat along channels, `x (B, 3+C, H, W)`."
+    he, sp = x[:, :-self.n_markers], x[:, -self.n_markers:]
+    return self.dec_pred(self.final_tokens(he)), neighbourhoods(sp, self.encoder.cfg.patch, self.pool, self.k)
 
 # %% ../nbs/01b_pretrain.ipynb #2b1521a7
 def tile_bank(ds: TileDataset, idx=None, modality='sp'):
-    "Tiles `idx` of `ds` in one `modality` (an encoder's: 'sp' or 'he') as one float16 tensor `(n, C, t, t)`."
+    "Tiles `idx` of `ds` in `modality` ('sp', 'he', or several, cat along channels) as float16 `(n, C, t, t)`."
     idx = range(len(ds)) if idx is None else idx
-    k = dict(sp=0, he=1)[modality]
-    return torch.stack([torch.from_numpy(np.ascontiguousarray(ds.read(i)[k])).half() for i in idx])
+    ks = [dict(sp=0, he=1)[m] for m in ([modality] if isinstance(modality, str) else modality)]
+    tile = lambda it: np.concatenate([it[k] for k in ks])
+    return torch.stack([torch.from_numpy(tile(ds.read(i))).half() for i in idx])
 
 # %% ../nbs/01b_pretrain.ipynb #9b18afeb
 class BankTiles(torch.utils.data.Dataset):
@@ -198,14 +229,17 @@ def linear_probe(xtr, ytr, xte, yte, n_classes=N_CLASSES, steps=300, lr=0.05, wd
     with torch.no_grad(): return balanced_accuracy(lin(xte).argmax(1), yte, n_classes)
 
 # %% ../nbs/01b_pretrain.ipynb #f449cd51
-PRETRAIN_RECIPES = dict(
-    virtues=dict(encoder=VirTuesEncoder, mae=VirTuesMAE, save=save_virtues, load=load_virtues, crop=32, bs=32, lr=4e-3),
-    cellvit=dict(encoder=CellViTEncoder, mae=ViTMIM, save=save_cellvit_vit256, load=load_cellvit_vit256, crop=None,
-                 bs=16, lr=2e-3))
+PRETRAIN_RECIPES = {
+    'virtues': dict(encoder=VirTuesEncoder, mae=VirTuesMAE, save=save_virtues, load=load_virtues, crop=32, bs=32,
+                    lr=4e-3),
+    'cellvit': dict(encoder=CellViTEncoder, mae=ViTToSP, save=save_cellvit_vit256, load=load_cellvit_vit256, crop=None,
+                    bs=16, lr=2e-3),
+    'cellvit-mim': dict(encoder=CellViTEncoder, mae=ViTMIM, save=save_cellvit_vit256, load=load_cellvit_vit256,
+                        crop=None, bs=16, lr=2e-3)}
 
 # %% ../nbs/01b_pretrain.ipynb #d10eda7a
 def pretrain_bank(cohort, modality, split='holdout', max_tiles=512, seed=0):
-    "Bank of `modality` tiles of the training tissues of `split` of `cohort` (all if None), at most `max_tiles`."
+    "Bank of `modality` tiles (one image or several, cat) of the training tissues of `split` of `cohort` (all if None), at most `max_tiles`."
     root = Path(cohort)
     ids = [p.name for p in list_tissues(root)]
     train_ids = ids if split is None else split_tissues(ids, split)[0]
@@ -245,7 +279,7 @@ def _state_epochs(state, meta):
 # %% ../nbs/01b_pretrain.ipynb #d0ee0ccc
 def pretrain_encoder(cohort, encoder='virtues', out='encoder.pth', preset='tiny', minutes=None, epochs=None, seed=0,
                      split='holdout', max_tiles=512, overwrite=False, cbs=None, progress=False):
-    "Pretrain `encoder` ('virtues' or 'cellvit') of `preset` on `cohort` for `epochs` or about `minutes` (default 10);\n    save it in the published format at `out`. Resumes from `.<name>.pretrain.pth` beside `out`; skips if `out` exists."
+    "Pretrain with the recipe `encoder` (a key of `PRETRAIN_RECIPES`) of `preset` on `cohort` for `epochs` or about `minutes` (default 10);\n    save it in the published format at `out`. Resumes from `.<name>.pretrain.pth` beside `out`; skips if `out` exists."
     if encoder not in PRETRAIN_RECIPES: raise ValueError(f'encoder must be one of {list(PRETRAIN_RECIPES)}, got {encoder!r}')
     r, out, t0 = PRETRAIN_RECIPES[encoder], Path(out), time.time()
     if out.exists() and not overwrite: return dict(path=out, encoder=r['load'](out), epochs=None, trained=0, seconds=0.)
@@ -254,7 +288,7 @@ def pretrain_encoder(cohort, encoder='virtues', out='encoder.pth', preset='tiny'
     torch.manual_seed(seed)
     mae = r['mae'](r['encoder'](preset))
     enc = mae.encoder
-    bank = pretrain_bank(cohort, enc.modality, split, max_tiles, seed)
+    bank = pretrain_bank(cohort, mae.reads, split, max_tiles, seed)
     nv = min(16, len(bank) // 10) or 1
     s, crop = enc.input_scale, r['crop']
     train = BankTiles(bank[nv:] if len(bank) > nv else bank, scale=s, crop=crop)

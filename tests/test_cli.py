@@ -67,7 +67,8 @@ def check_outputs(d):
     "The five outputs of one tissue exist and name the same nuclei."
     assert sorted(p.name for p in d.iterdir() if p.name not in ('scores.json', 'prediction.json')) == \
         sorted(OUTPUT_FILES.values())
-    assert (d/'prediction.json').is_file()
+    record = json.loads((d/'prediction.json').read_text())
+    assert record['runs'] and all(r['compute'] in ('float32', 'bfloat16') for r in record['runs'])
     inst = tifffile.imread(d/'instances.ome.tif')
     feats = json.loads((d/'nuclei.geojson').read_text())['features']
     ids = sorted(f['properties']['id'] for f in feats)
@@ -192,6 +193,7 @@ def test_official_virtues_weights_need_their_marker_embeddings(job, tmp_path):
     for m, v in zip(MARKERS, esm): torch.save(v.clone(), tmp_path/'esm'/f'{MARKER_UNIPROT[m]}.pt')
     r = run('train', str(job/'cohort'), '--out', str(tmp_path/'no'), '--weights', str(w), '--epochs', '1')
     assert r.returncode == 2 and 'model.safetensors: no ESM marker embeddings' in r.stderr and not (tmp_path/'no').exists()
+    assert not (tmp_path/'.no.work').exists()                   # bad input leaves no work folder behind
     r = run('train', str(job/'cohort'), '--out', str(tmp_path/'run'), '--weights', str(w), '--markers', str(tmp_path/'esm'),
             '--epochs', '1')
     assert r.returncode == 0, r.stderr

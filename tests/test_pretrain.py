@@ -6,7 +6,7 @@ from conftest import two_tissue_cohort
 from spseg.data import sp_stats, TileDataset, IGNORE_INDEX
 from spseg.encoders import VirTuesEncoder, CellViTEncoder
 from spseg.checkpoints import load_virtues, load_cellvit_vit256, read_safetensors, official_virtues_key
-from spseg.pretrain import (VirTuesMAE, ViTMIM, mse_recon, patch_targets, neighbourhoods, tile_bank, BankTiles,
+from spseg.pretrain import (VirTuesMAE, ViTMIM, ViTToSP, mse_recon, patch_targets, neighbourhoods, tile_bank, BankTiles,
                             mae_learner, fit_resumable, probe_tokens, linear_probe, pretrain_encoder,
                             ResumableCheckpoint)
 
@@ -59,11 +59,42 @@ def test_vit_mim_step():
     mse_recon((pred, target)).backward()
     assert mae.encoder.patch_embed.proj.weight.grad.abs().sum() > 0
 
+def test_vit_to_sp_reads_he_and_predicts_the_markers():
+    torch.manual_seed(0)
+    mae = ViTToSP(CellViTEncoder('tiny'), k=3)
+    x = torch.randn(2, 19, 64, 64)
+    pred, target = mae(x)
+    assert pred.shape == target.shape == (2, 16, 16 * 9)
+    centre = target.view(2, 16, 16, 3, 3)[:, 5, :, 1, 1]                      # token (1, 1): its own 16-px patch
+    assert torch.allclose(centre, x[:, 3:, 16:32, 16:32].mean((-2, -1)), atol=1e-6)
+    y = x.clone()
+    y[:, 3:] += torch.randn_like(y[:, 3:])                                    # other markers: same prediction
+    assert torch.equal(mae(y)[0], pred)
+    y[:, :3] += 1                                                             # other H&E: another prediction
+    assert not torch.allclose(mae(y)[0], pred)
+
+def test_vit_to_sp_learns_markers_that_follow_the_stain():
+    "When a marker is the H&E's first channel averaged per patch, a few steps make the prediction closer."
+    torch.manual_seed(0)
+    mae = ViTToSP(CellViTEncoder('tiny'))
+    he = torch.randn(4, 3, 32, 32)
+    x = torch.cat([he, he[:, :1].expand(-1, 16, -1, -1)], 1)
+    opt = torch.optim.AdamW(mae.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(15):
+        loss = mse_recon(mae(x))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.5 * losses[0]
+
 def test_each_mae_names_its_loss():
     assert VirTuesMAE.loss_func is mse_recon and ViTMIM.loss_func is mse_recon
     bank = torch.randn(6, 16, 32, 32).half()
     learn = mae_learner(VirTuesMAE(VirTuesEncoder('tiny')), BankTiles(bank[:4]), BankTiles(bank[4:], False), bs=2)
     assert learn.loss_func is mse_recon
+    assert ViTToSP.loss_func is mse_recon
 
 @pytest.fixture
 def cohort_dir(tmp_path):
@@ -81,6 +112,15 @@ def test_tile_bank_and_bank_tiles(cohort):
     assert x is y and x.shape == (3, 240, 240)
     torch.manual_seed(0)
     assert BankTiles(sp, crop=40)[0][0].shape == (16, 40, 40)
+    paired = tile_bank(cohort, [0, 3], ('he', 'sp'))
+    assert paired.shape == (2, 19, 120, 120) and torch.equal(paired[:, 3:], sp) and torch.equal(paired[:, :3], he[[0, 3]])
+    torch.manual_seed(1)
+    x = BankTiles(paired, crop=48)[0][0]                                       # one crop, flip and turn for both
+    views = lambda t: {(y0, x0, f, r): torch.rot90(c.flip(-1) if f else c, r, (-2, -1))
+                       for y0 in range(0, 73, 8) for x0 in range(0, 73, 8) for f in (0, 1) for r in range(4)
+                       for c in [t[:, y0:y0 + 48, x0:x0 + 48].float()]}
+    found = [k for k, v in views(paired[0, :3]).items() if torch.equal(v, x[:3])]
+    assert found and torch.equal(views(paired[0, 3:])[found[0]], x[3:])
 
 def test_fit_resumable(tmp_path):
     bank = torch.randn(6, 16, 32, 32).half()
@@ -125,8 +165,9 @@ def test_virtues_checkpoint_has_official_keys_and_round_trips(cohort_dir, tmp_pa
     fresh = VirTuesEncoder('tiny')                  # it trained: the weights are not a fresh initialisation's
     assert not torch.equal(fresh.patch_encoder.weight, loaded.patch_encoder.weight)
 
-def test_cellvit_checkpoint_round_trips(cohort_dir, tmp_path):
-    res = pretrain_encoder(cohort_dir, 'cellvit', tmp_path/'vit.pth', epochs=1, split=None)
+@pytest.mark.parametrize('recipe', ['cellvit', 'cellvit-mim'])
+def test_cellvit_checkpoint_round_trips(cohort_dir, tmp_path, recipe):
+    res = pretrain_encoder(cohort_dir, recipe, tmp_path/'vit.pth', epochs=1, split=None)
     loaded, ours = load_cellvit_vit256(res['path']).state_dict(), res['encoder'].state_dict()
     assert loaded.keys() == ours.keys() and all(torch.equal(loaded[k], ours[k]) for k in ours)
 
