@@ -4,16 +4,38 @@
 
 # %% ../nbs/00_core.ipynb #f1ad9f6a
 from __future__ import annotations
-import functools, hashlib, json, math, os, tempfile, time
+import functools, glob, hashlib, json, math, os, socket, tempfile, time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import NamedTuple
 import numpy as np
 
 # %% auto #0
-__all__ = ['BF16_MIN_SPEEDUP', 'BF16_MIN_COSINE', 'atomic_path', 'atomic_write_bytes', 'atomic_write_text', 'jsonable',
-           'atomic_write_json', 'atomic_torch_save', 'atomic_np_save', 'atomic_imwrite', 'digest', 'short_hash',
-           'matmul_gflops', 'bf16_speedup', 'Precision', 'bf16_cosine', 'choose_precision']
+__all__ = ['BF16_MIN_SPEEDUP', 'BF16_MIN_COSINE', 'remove_stale_temporaries', 'atomic_path', 'atomic_write_bytes',
+           'atomic_write_text', 'jsonable', 'atomic_write_json', 'atomic_torch_save', 'atomic_np_save',
+           'atomic_imwrite', 'digest', 'short_hash', 'matmul_gflops', 'bf16_speedup', 'Precision', 'bf16_cosine',
+           'choose_precision']
+
+# %% ../nbs/00_core.ipynb #28823d9d
+def _tmp_prefix(path, pid=None):
+    "Start of the temporary names beside `path` of the writer `pid` (default: this process) on this host."
+    return f'.{Path(path).name}.{socket.gethostname()}-' + ('' if pid == '' else f'{os.getpid() if pid is None else pid}.')
+
+def _alive(pid):
+    "Whether the process `pid` runs on this host."
+    try: os.kill(pid, 0)
+    except ProcessLookupError: return False
+    except PermissionError: return True
+    return True
+
+# %% ../nbs/00_core.ipynb #3ee5a58b
+def remove_stale_temporaries(path):
+    "Remove the temporary files beside `path` of writers on this host that died mid-save; the paths removed."
+    stem = _tmp_prefix(path, '')
+    left = Path(path).parent.glob(glob.escape(stem) + '*.tmp')
+    stale = [f for f in left if (pid := f.name[len(stem):].split('.')[0]).isdigit() and not _alive(int(pid))]
+    for f in stale: f.unlink(missing_ok=True)
+    return stale
 
 # %% ../nbs/00_core.ipynb #47d08b5c
 def _umask():
@@ -27,12 +49,13 @@ def atomic_path(path):
     "Yield a temporary path beside `path`; rename it onto `path` if the block finishes, remove it if it raises."
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f'.{path.name}.', suffix='.tmp')
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=_tmp_prefix(path), suffix='.tmp')
     os.close(fd)
     try:
         yield Path(tmp)
         os.chmod(tmp, 0o666 & ~_umask())      # mkstemp makes the file private (0600); a result is a normal file
         os.replace(tmp, path)
+        remove_stale_temporaries(path)
     finally:
         if os.path.exists(tmp): os.remove(tmp)
 

@@ -48,6 +48,9 @@ def test_killed_writer_leaves_no_file_under_final_name(tmp_path, kind, stall_ren
     assert not target.exists()
     left = [x.name for x in target.parent.iterdir()]
     assert len(left) == 1 and all(n.startswith(f'.{target.name}.') and n.endswith('.tmp') for n in left)
+    again = subprocess.run([sys.executable, '-c', _child(target, WRITERS[kind])], capture_output=True, text=True)
+    assert again.returncode == 0, again.stderr
+    assert [x.name for x in target.parent.iterdir()] == [target.name]     # the rerun removed the dead writer's temporary
 
 @pytest.mark.parametrize('kind', sorted(WRITERS))
 def test_finished_writer_leaves_only_the_file(tmp_path, kind):
