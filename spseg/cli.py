@@ -199,8 +199,8 @@ RUN_FILES = ('config.json', 'best.pth', 'history.csv', 'sp_stats.json', 'metrics
 
 # %% ../nbs/09_cli.ipynb #4377ce28
 def train_config(cohort, encoder='virtues', task='semantic', preset='tiny', epochs=None, weights=None, split='holdout',
-                 bs=None, markers=None):
-    "The `RunConfig` that `spseg train` runs on `cohort` (`bs`: the preset's if None; `markers`: ESM folder or 'random')."
+                 bs=None, markers=None, seed=0):
+    "The `RunConfig` that `spseg train` runs on `cohort` (`bs`: the preset's if None; `markers`: ESM folder or 'random';\n    `seed`: the decoder's initialisation and the data order; a random encoder keeps its own seed, 0)."
     if markers not in (None, 'random') and not Path(markers).is_dir():
         raise FileNotFoundError(f'{markers}: no such folder of ESM marker embeddings (<UniProtID>.pt files)')
     root = Path(cohort).absolute()
@@ -208,7 +208,7 @@ def train_config(cohort, encoder='virtues', task='semantic', preset='tiny', epoc
     if weights is not None and not Path(weights).is_file(): raise FileNotFoundError(f'{weights}: no such weights file')
     if epochs is None: epochs = max(1, round(30 * PRESETS[preset]['epoch_scale']))
     return preset_config(preset, name=f'{task}-{encoder}', root=str(root), task=task, encoder=encoder, epochs=epochs,
-                         encoder_weights=str(Path(weights).absolute()) if weights else None, split=split,
+                         seed=seed, encoder_weights=str(Path(weights).absolute()) if weights else None, split=split,
                          marker_embeddings=str(Path(markers).absolute()) if markers not in (None, 'random') else markers,
                          **({} if bs is None else dict(bs=bs)))
 
@@ -258,9 +258,9 @@ def _removed_if_bad_input(work):
 
 # %% ../nbs/09_cli.ipynb #5e9772b3
 def train(cohort, out, encoder='virtues', task='semantic', preset='tiny', epochs=None, weights=None, split='holdout',
-          device=None, progress=False, cache=None, bs=None, markers=None):
+          device=None, progress=False, cache=None, bs=None, markers=None, seed=0):
     "Train one run on `cohort` and make `out` its self-contained run folder; return its metrics (reused if done).\n    The encoder's states are cached in `cache` (kept; see `embed`), or in a work folder removed at the end.\n    Under torchrun: data-parallel over the processes (`bs` is the batch of one step over all); rank 0 writes."
-    cfg, run = train_config(cohort, encoder, task, preset, epochs, weights, split, bs, markers), Path(out)
+    cfg, run = train_config(cohort, encoder, task, preset, epochs, weights, split, bs, markers, seed), Path(out)
     with process_group(device):
         if not on_rank0(finished_train, cfg, run):
             work = run.parent/f'.{run.name}.work'
@@ -562,6 +562,7 @@ def _add_train(sub):
     t.add_argument('--markers', default=None,
                    help="with official VirTues --weights: the folder of ESM marker embeddings (<UniProtID>.pt), or 'random'")
     t.add_argument('--split', default='holdout', help='holdout or sequential')
+    t.add_argument('--seed', type=int, default=0, help="the decoder's initialisation and the data order")
     t.add_argument('--cache', default=None, help='folder of encoder-state caches to use and keep (see `spseg embed`)')
     t.add_argument('--device', default=None)
     e = sub.add_parser('embed', help="cache a frozen encoder's states of a cohort's tiles, for `spseg train --cache` "
@@ -634,7 +635,7 @@ def _dispatch(a):
         print('\n'.join(map(str, paths)))
     elif a.cmd == 'train':
         m = train(a.cohort, a.out, a.encoder, a.task, a.preset, a.epochs, a.weights, a.split, a.device, True, a.cache,
-                  a.bs, a.markers)
+                  a.bs, a.markers, a.seed)
         print(f'{a.out}: ' + ', '.join(f'{k} {m[k]:.4f}' for k in ('mean_dice', 'binary_dice', 'hv_mse') if k in m))
     elif a.cmd == 'pretrain': print(pretrain(a.cohort, a.out, a.encoder, a.preset, a.minutes, a.epochs, a.seed, a.split))
     elif a.cmd == 'embed': print(embed(a.cohort, a.out, a.encoder, a.preset, a.weights, a.split, a.device, a.markers))

@@ -90,6 +90,15 @@ def test_train_rerun_reuses_the_run(job):
     assert r.returncode == 0, r.stderr
     assert 'epoch' not in r.stdout and (job/'semantic'/'best.pth').stat().st_mtime_ns == before
 
+def test_train_seed_draws_another_decoder(job, tmp_path):
+    "`--seed` changes the decoder's initialisation and data order: another run, other weights."
+    import torch
+    r = run('train', str(job/'cohort'), '--out', str(tmp_path/'s1'), '--epochs', '1', '--seed', '1')
+    assert r.returncode == 0, r.stderr
+    assert json.loads((tmp_path/'s1'/'config.json').read_text())['seed'] == 1
+    a, b = (torch.load(d/'best.pth', weights_only=False) for d in (job/'semantic', tmp_path/'s1'))
+    assert a.keys() == b.keys() and any(not torch.equal(a[k], b[k]) for k in a)
+
 def test_predict_unlabelled_and_evaluate(job):
     r = run('predict', str(job/'semantic'), str(job/'new'), str(job/'cohort'/'tissue_003'), '--out', str(job/'out'),
             '--evaluate')
