@@ -115,8 +115,14 @@ def forward(self: ViTMIM, x):
 
 # %% ../nbs/01b_pretrain.ipynb #5d12130e
 @patch(as_prop=True)
-def reads(self: (VirTuesMAE, ViTMIM)):
-    "The images a pretraining model takes, cat along channels in this order: its encoder's."
+def reads(self: VirTuesMAE):
+    "The images the MAE takes, cat along channels in this order: its encoder's."
+    return self.encoder.modalities
+
+# %% ../nbs/01b_pretrain.ipynb #3b17440d
+@patch(as_prop=True)
+def reads(self: ViTMIM):
+    "The images the MIM model takes: its encoder's."
     return self.encoder.modalities
 
 # %% ../nbs/01b_pretrain.ipynb #e1e15c32
