@@ -17,9 +17,13 @@ __all__ = ['BF16_MIN_SPEEDUP', 'BF16_MIN_COSINE', 'remove_stale_temporaries', 'a
            'choose_precision']
 
 # %% ../nbs/00_core.ipynb #28823d9d
+def _tmp_stem(path):
+    "Start of the temporary names beside `path` of the writers on this host (the writer's pid follows)."
+    return f'.{Path(path).name}.{socket.gethostname()}-'
+
 def _tmp_prefix(path, pid=None):
     "Start of the temporary names beside `path` of the writer `pid` (default: this process) on this host."
-    return f'.{Path(path).name}.{socket.gethostname()}-' + ('' if pid == '' else f'{os.getpid() if pid is None else pid}.')
+    return f'{_tmp_stem(path)}{os.getpid() if pid is None else pid}.'
 
 def _alive(pid):
     "Whether the process `pid` runs on this host."
@@ -31,7 +35,7 @@ def _alive(pid):
 # %% ../nbs/00_core.ipynb #3ee5a58b
 def remove_stale_temporaries(path):
     "Remove the temporary files beside `path` of writers on this host that died mid-save; the paths removed."
-    stem = _tmp_prefix(path, '')
+    stem = _tmp_stem(path)
     left = Path(path).parent.glob(glob.escape(stem) + '*.tmp')
     stale = [f for f in left if (pid := f.name[len(stem):].split('.')[0]).isdigit() and not _alive(int(pid))]
     for f in stale: f.unlink(missing_ok=True)
